@@ -1,0 +1,31 @@
+# The two commands of the README: `make demo` and `make test`.
+PY        ?= python3
+VENV      ?= .venv
+VPY       := $(VENV)/bin/python
+STAMP     := $(VENV)/.installed
+DATA_DIR  := /usr/share/datasets/fashion-mnist
+
+.PHONY: demo test setup data clean bench lint
+
+demo: setup data            ## set everything up and run the full pipeline on Fashion-MNIST
+	$(VENV)/bin/norm-pipeline run -c pipeline.yaml
+
+test: setup data            ## set everything up and run the test suite
+	$(VPY) -m pytest -q
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+data:                       ## Debian's dataset-fashion-mnist, the embedded default dataset
+	@bash scripts/install_data.sh
+
+bench: setup data
+	$(VPY) benchmarks/train_step.py
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,1 @@
+"""Helpers shared by several stages (data loading, training loop, ONNX/TensorRT plumbing, timing)."""
