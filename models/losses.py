@@ -1,0 +1,88 @@
+"""Loss terms as pure functions with explicit weights (mdistiller's split)."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def align_teacher_features(teacher_features: torch.Tensor, student_hw: Sequence[int]) -> torch.Tensor:
+    """Max-pool the teacher map down to the student's spatial size when it is larger (authors' code)."""
+    th, tw = teacher_features.shape[-2:]
+    sh, sw = int(student_hw[0]), int(student_hw[1])
+    if (th, tw) == (sh, sw):
+        return teacher_features
+    if th < sh or tw < sw:
+        raise ValueError(f"teacher map {th}x{tw} is smaller than the student's {sh}x{sw}; NORM needs teacher >= student")
+    return F.adaptive_max_pool2d(teacher_features, (sh, sw))
+
+
+def norm_loss(expanded: torch.Tensor, teacher_features: torch.Tensor, n: int) -> torch.Tensor:
+    """N-to-one matching: N * MSE(expanded, teacher tiled N times) = sum over groups of each group's MSE.
+
+    ``expanded``: (B, N*C_t, H, W) from the FT's expand branch. ``teacher_features``: (B, C_t, H', W'),
+    the teacher's last-stage map (no gradient), max-pooled to (H, W) when larger.
+    """
+    b, c, h, w = expanded.shape
+    teacher = align_teacher_features(teacher_features, (h, w))
+    if c != n * teacher.shape[1]:
+        raise ValueError(f"expanded map has {c} channels, expected N*C_t = {n}*{teacher.shape[1]}")
+    target = teacher.detach().repeat(1, n, 1, 1)
+    return n * F.mse_loss(expanded, target.to(expanded.dtype))
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0) -> torch.Tensor:
+    """Hinton KD: KL(softmax(t/T) || softmax(s/T)) * T^2, averaged over the batch."""
+    log_p_s = F.log_softmax(student_logits / temperature, dim=1)
+    p_t = F.softmax(teacher_logits.detach() / temperature, dim=1)
+    return F.kl_div(log_p_s, p_t, reduction="batchmean") * temperature**2
+
+
+def standardize_logits(logits: torch.Tensor, scale: float = 2.5) -> torch.Tensor:
+    """Layer norm over classes (no affine) times ``scale``: the authors' training-only trick."""
+    return F.layer_norm(logits, logits.shape[-1:]) * scale
+
+
+def norm_weight(progress: float, schedule: Sequence[tuple[float, float]]) -> float:
+    """Piecewise-constant warm-up/cool-down multiplier on the NORM term.
+
+    ``progress`` = epoch / total epochs; ``schedule`` = [(end fraction, weight), ...] sorted by end.
+    """
+    for end, weight in schedule:
+        if progress < end:
+            return float(weight)
+    return float(schedule[-1][1]) if schedule else 1.0
+
+
+def distill_losses(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    expanded: torch.Tensor | None = None,
+    teacher_features: torch.Tensor | None = None,
+    teacher_logits: torch.Tensor | None = None,
+    n: int = 8,
+    alpha: float = 1.0,
+    beta: float = 0.0,
+    gamma: float = 1.0,
+    norm_multiplier: float = 1.0,
+    temperature: float = 4.0,
+    logit_scale: float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Total = gamma*CE + beta*KD + alpha*w*NORM; returns (total, terms) with every weighted term."""
+    s_logits, t_logits = logits, teacher_logits
+    if logit_scale is not None:
+        s_logits = standardize_logits(logits, logit_scale)
+        t_logits = standardize_logits(teacher_logits, logit_scale) if teacher_logits is not None else None
+    terms: dict[str, torch.Tensor] = {"ce": gamma * F.cross_entropy(s_logits, labels)}
+    if beta > 0:
+        if t_logits is None:
+            raise ValueError("beta > 0 (KD) needs teacher logits")
+        terms["kd"] = beta * kd_loss(s_logits, t_logits, temperature)
+    if alpha > 0 and expanded is not None:
+        if teacher_features is None:
+            raise ValueError("the NORM term needs teacher features")
+        terms["norm"] = alpha * norm_multiplier * norm_loss(expanded, teacher_features, n)
+    total = sum(terms.values())
+    return total, terms
