@@ -1,6 +1,164 @@
+"""``norm-pipeline``: run the whole pipeline, one stage, or look at a run directory."""
 from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Optional
+
 import click
-@click.group()
-@click.version_option(package_name="norm-pipeline")
+
+from pipeline import __version__
+
+DEFAULT_CONFIG = "pipeline.yaml"
+LOCK_HELD_ENV = "NORM_PIPELINE_LOCK_HELD"
+
+
+def _fail(msg: str, code: int = 2) -> None:
+    click.echo(f"error: {msg}", err=True)
+    sys.exit(code)
+
+
+def _on_sigterm(signum, frame):  # noqa: ARG001 - signal handler signature
+    raise KeyboardInterrupt
+
+
+def _load(config: Optional[str], overrides: tuple[str, ...], run_dir: Optional[str]):
+    from pipeline.config import load_config
+
+    path = config if config is not None else (DEFAULT_CONFIG if Path(DEFAULT_CONFIG).is_file() else None)
+    cfg = load_config(path, overrides)
+    rd = Path(run_dir) if run_dir else cfg.run.root / cfg.run.name
+    return cfg, rd
+
+
+def guarded(fn):
+    """User errors -> one line + exit 2; Ctrl-C/SIGTERM -> a resume hint + exit 130; bugs keep their traceback."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from stages.lib.errors import PipelineError
+
+        signal.signal(signal.SIGTERM, _on_sigterm)
+        try:
+            return fn(*args, **kwargs)
+        except PipelineError as e:
+            _fail(str(e))
+        except KeyboardInterrupt:
+            click.echo("\ninterrupted: finished stages and epochs are kept; run the same command again to resume", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+config_option = click.option("-c", "--config", type=click.Path(dir_okay=False), default=None,
+                             help=f"pipeline YAML (overrides only; default: ./{DEFAULT_CONFIG} if present)")
+set_option = click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+                          help="override one config value, e.g. --set distill.epochs=3 (repeatable)")
+run_dir_option = click.option("--run-dir", type=click.Path(file_okay=False), default=None,
+                              help="run directory (default: <run.root>/<run.name>, i.e. runs/default)")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="norm-pipeline")
 def main() -> None:
-    """norm-pipeline"""
+    """NORM knowledge distillation, from teacher to an edge-ready bundle.
+
+    Stages: data -> teacher -> baseline, distill -> merge -> verify -> export -> engine -> benchmark -> bundle.
+    Every stage writes into runs/<name>/<stage>/ with a record; unchanged stages are skipped (cached).
+    """
+
+
+@main.command()
+@config_option
+@run_dir_option
+@set_option
+@click.option("--from", "from_stage", default=None, help="first stage to run (earlier ones must be done)")
+@click.option("--to", "to_stage", default=None, help="last stage to run")
+@click.option("--force", is_flag=True, help="re-run the selected stages even when cached")
+@click.option("--nproc", type=int, default=1, show_default=True,
+              help="processes per host for the training stages (launches torchrun; gloo on CPU, nccl on CUDA)")
+@guarded
+def run(config, run_dir, overrides, from_stage, to_stage, force, nproc) -> None:
+    """Run the pipeline (or the --from/--to slice of it)."""
+    from pipeline.session import run_pipeline
+
+    cfg, rd = _load(config, overrides, run_dir)
+    run_pipeline(cfg, rd, from_stage=from_stage, to_stage=to_stage, force=force, nproc=nproc,
+                 config_path=config, overrides=overrides)
+
+
+@main.command()
+@click.argument("name")
+@config_option
+@run_dir_option
+@set_option
+@click.option("--force", is_flag=True, help="re-run even when cached")
+@guarded
+def stage(name, config, run_dir, overrides, force) -> None:
+    """Run one stage NAME (its inputs must be done). Works under torchrun for training stages."""
+    from pipeline.session import run_single
+
+    cfg, rd = _load(config, overrides, run_dir)
+    run_single(cfg, rd, name, force=force, take_lock=os.environ.get(LOCK_HELD_ENV) != "1")
+
+
+@main.command()
+@config_option
+@run_dir_option
+@set_option
+@guarded
+def status(config, run_dir, overrides) -> None:
+    """Table of stages: done / stale / skipped / missing / interrupted, key metrics, tampered files."""
+    from pipeline.session import print_status
+
+    cfg, rd = _load(config, overrides, run_dir)
+    print_status(cfg, rd)
+
+
+@main.command(name="list")
+def list_stages() -> None:
+    """List the stages and what each reads and writes."""
+    from pipeline.session import print_stage_list
+
+    print_stage_list()
+
+
+@main.command(name="config")
+@config_option
+@set_option
+@click.option("--defaults", is_flag=True, help="print every key with its default instead")
+@guarded
+def show_config(config, overrides, defaults) -> None:
+    """Print the resolved config (defaults <- YAML <- --set)."""
+    from pipeline.config import PipelineConfig, dump_config
+
+    cfg = PipelineConfig() if defaults else _load(config, overrides, None)[0]
+    click.echo(dump_config(cfg), nl=False)
+
+
+@main.group()
+def bundle() -> None:
+    """Work with edge bundles."""
+
+
+@bundle.command(name="verify")
+@click.argument("path", type=click.Path(exists=True))
+@guarded
+def bundle_verify(path) -> None:
+    """Check every file hash of a bundle folder or .tar.gz, and engine compatibility with this machine."""
+    from stages.bundle import verify_bundle
+
+    problems = verify_bundle(Path(path))
+    errors = [p for p in problems if not p.startswith("warning")]
+    for p in problems:
+        click.echo(p, err=True)
+    if errors:
+        _fail(f"bundle {path} failed verification: {len(errors)} problem(s), first: {errors[0]}", code=1)
+    click.echo(f"bundle {path}: OK (all hashes match)")
+
+
+if __name__ == "__main__":
+    main()

@@ -154,6 +154,7 @@ class BenchmarkCfg(Section):
     threads: int = Field(1, ge=1, description="intra-op threads for the verdict (single-threaded is least noisy)")
     band: float = Field(0.05, gt=0, lt=1, description="verdict: merged/vanilla CI must lie inside 1 +- band")
     bootstrap: int = Field(2000, ge=100)
+    multithreaded: bool = Field(True, description="also time onnxruntime with torch's default thread count (informational)")
 
 
 class BundleCfg(Section):

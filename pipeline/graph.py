@@ -1,0 +1,82 @@
+"""The stage graph: what each stage reads, writes and which config it depends on.
+
+Stage code is referenced by module path and imported only when the stage runs, so the CLI's
+``--help``, ``list`` and ``status`` stay fast and never import torch or GPU libraries.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Callable
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    module: str  # "stages.<name>", exposing run(ctx) -> dict of metrics
+    help: str
+    inputs: tuple[str, ...] = ()  # upstream stages that must be done
+    optional_inputs: tuple[str, ...] = ()  # used when done, ignored when skipped/absent
+    config: tuple[str, ...] = ()  # config sections (dotted paths) in the fingerprint
+    outputs: tuple[str, ...] = ()  # main files written (for `list` and the docs)
+    environment: bool = False  # fingerprint also covers the GPU/TensorRT environment
+    distributed: bool = False  # may run under torchrun (training stages)
+    key_metrics: tuple[str, ...] = field(default=())
+
+    def load(self) -> Callable:
+        return importlib.import_module(self.module).run
+
+
+STAGES: tuple[StageSpec, ...] = (
+    StageSpec("data", "stages.data", "load and describe the dataset (classes, sizes, mean/std, source hashes)",
+              config=("data",), outputs=("dataset.json",), key_metrics=("train_size", "val_size")),
+    StageSpec("teacher", "stages.teacher", "train the teacher with cross-entropy, or import a checkpoint",
+              inputs=("data",), config=("teacher", "run.seed"), outputs=("model.pt", "history.csv"),
+              distributed=True, key_metrics=("top1", "top5")),
+    StageSpec("baseline", "stages.baseline", "train the student alone (CE, optionally KD) with the distill budget",
+              inputs=("data", "teacher"), config=("student", "baseline", "run.seed"),
+              outputs=("ce/model.pt", "kd/model.pt"), distributed=True, key_metrics=("ce_top1", "kd_top1")),
+    StageSpec("distill", "stages.distill", "train the NORM student (FT after the last stage, N-to-one matching)",
+              inputs=("data", "teacher"), config=("student", "distill", "run.seed"),
+              outputs=("norm_student.pt", "best.pt", "history.csv"), distributed=True, key_metrics=("top1", "best_top1")),
+    StageSpec("merge", "stages.merge", "fold the FT into the student's FC layer: the vanilla architecture again",
+              inputs=("distill",), config=("student", "merge"), outputs=("model.pt", "merge.json"),
+              key_metrics=("params",)),
+    StageSpec("verify", "stages.verify", "merged vs unmerged outputs (fp32 + fp64), top-1 agreement, params/FLOPs",
+              inputs=("data", "distill", "merge"), config=("verify",), outputs=("verify.json",),
+              key_metrics=("fp32_max_rel_diff", "top1_agreement")),
+    StageSpec("export", "stages.export", "ONNX export (dynamic batch), checker, onnxruntime parity, graph identity",
+              inputs=("data", "teacher", "distill", "merge"), config=("export",),
+              outputs=("model.onnx", "vanilla.onnx", "unmerged.onnx", "teacher.onnx", "export.json"),
+              key_metrics=("ort_max_abs_diff", "graph_identical")),
+    StageSpec("engine", "stages.engine", "TensorRT engines (fp32/fp16) + sidecar JSON, parity and accuracy",
+              inputs=("data", "export"), config=("engine",), outputs=("model_fp32.plan", "model_fp32.json"),
+              environment=True, key_metrics=("fp32_top1", "fp16_top1")),
+    StageSpec("benchmark", "stages.benchmark", "latency of vanilla / merged / unmerged / teacher on every backend",
+              inputs=("data", "teacher", "distill", "merge", "export"), optional_inputs=("engine",),
+              config=("benchmark", "student"), outputs=("benchmark.json", "latency.png"), environment=True,
+              key_metrics=("merged_vs_vanilla_ratio", "verdict")),
+    StageSpec("bundle", "stages.bundle", "the edge team's folder + .tar.gz: ONNX, engines, manifest, runners",
+              inputs=("data", "distill", "merge", "verify", "export"), optional_inputs=("engine", "benchmark", "teacher", "baseline"),
+              config=("bundle",), outputs=("bundle/", "bundle.tar.gz"), key_metrics=("files",)),
+)
+
+BY_NAME: dict[str, StageSpec] = {s.name: s for s in STAGES}
+ORDER: list[str] = [s.name for s in STAGES]
+
+
+def get(name: str) -> StageSpec:
+    from stages.lib.errors import PipelineError
+
+    if name not in BY_NAME:
+        raise PipelineError(f"unknown stage {name!r}; stages are: {', '.join(ORDER)}")
+    return BY_NAME[name]
+
+
+def downstream(name: str) -> list[str]:
+    """Stages that depend on ``name`` directly or indirectly, in order."""
+    out: set[str] = {name}
+    for s in STAGES:
+        if set(s.inputs + s.optional_inputs) & out:
+            out.add(s.name)
+    return [n for n in ORDER if n in out and n != name]

@@ -1,0 +1,183 @@
+"""Runs stages in graph order with caching: an unchanged fingerprint means "skipped (cached)".
+
+fingerprint = sha256(stage name, its config sections, its inputs' output hashes, the stage code's hash,
+the package version, and for GPU stages the TensorRT/CUDA/GPU environment).
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import platform
+import shutil
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Optional
+
+from pipeline import __version__, graph
+from pipeline.config import PipelineConfig, dump_config
+from pipeline.graph import StageSpec
+from pipeline.rundir import RunDir
+from stages.lib.errors import PipelineError, StageSkipped
+from stages.lib.io import atomic_write_text
+
+
+@dataclass
+class StageResult:
+    name: str
+    status: str  # done | cached | skipped | failed
+    seconds: float = 0.0
+    metrics: dict = field(default_factory=dict)
+    reason: str = ""
+
+
+def _source_hash(module: str) -> str:
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.origin:
+        return "unknown"
+    return hashlib.sha256(Path(spec.origin).read_bytes()).hexdigest()[:16]
+
+
+def environment() -> dict:
+    """What a GPU stage's output depends on beyond its inputs: TensorRT, CUDA, the GPU."""
+    env = {"tensorrt": None, "cuda": False, "gpu": None, "compute_capability": None}
+    if importlib.util.find_spec("tensorrt") is not None:
+        try:
+            import tensorrt
+
+            env["tensorrt"] = tensorrt.__version__
+        except Exception:  # noqa: BLE001 - a broken install counts as absent
+            pass
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            env.update(cuda=True, gpu=torch.cuda.get_device_name(0),
+                       compute_capability=".".join(map(str, torch.cuda.get_device_capability(0))))
+    except Exception:  # noqa: BLE001
+        pass
+    return env
+
+
+def fingerprint(spec: StageSpec, cfg: PipelineConfig, upstream: dict[str, Optional[dict]], env: Optional[dict]) -> str:
+    payload = {
+        "stage": spec.name,
+        "version": __version__,
+        "code": _source_hash(spec.module),
+        "config": {path: cfg.section(path) for path in spec.config},
+        "inputs": {n: (r or {}).get("outputs") if (r or {}).get("status") == "done" else None
+                   for n, r in sorted(upstream.items())},
+        "environment": env if spec.environment else None,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def versions() -> dict:
+    out = {"norm-pipeline": __version__, "python": platform.python_version()}
+    for mod in ("torch", "torchvision", "onnx", "onnxruntime", "tensorrt"):
+        if importlib.util.find_spec(mod) is not None:
+            try:
+                out[mod] = importlib.import_module(mod).__version__
+            except Exception:  # noqa: BLE001
+                out[mod] = "broken"
+    return out
+
+
+class Runner:
+    """Executes stages of one run directory; ``log`` prints a line, ``on_result`` gets each result."""
+
+    def __init__(self, cfg: PipelineConfig, run_dir: Path, log: Callable[[str], None] = print):
+        self.cfg = cfg
+        self.rd = RunDir(run_dir)
+        self.log = log
+        self._env: Optional[dict] = None
+
+    def env(self) -> dict:
+        if self._env is None:
+            self._env = environment()
+        return self._env
+
+    def upstream_records(self, spec: StageSpec) -> dict[str, Optional[dict]]:
+        return {n: self.rd.record(n) for n in spec.inputs + spec.optional_inputs}
+
+    def current_fingerprint(self, spec: StageSpec) -> str:
+        return fingerprint(spec, self.cfg, self.upstream_records(spec), self.env() if spec.environment else None)
+
+    def state(self, spec: StageSpec) -> str:
+        """done | stale | skipped | missing | interrupted (for `status`)."""
+        rec = self.rd.record(spec.name)
+        if rec is None:
+            return "interrupted" if self.rd.work_dir(spec.name).exists() else "missing"
+        if rec.get("fingerprint") != self.current_fingerprint(spec):
+            return "stale"
+        return "skipped" if rec.get("status") == "skipped" else "done"
+
+    # ------------------------------------------------------------------ running
+    def run_stage(self, name: str, force: bool = False, standalone: bool = False) -> StageResult:
+        spec = graph.get(name)
+        upstream = self.upstream_records(spec)
+        for dep in spec.inputs:
+            rec = upstream[dep]
+            if rec is None:
+                raise PipelineError(f"stage {name!r} needs stage {dep!r}, which has not run in {self.rd.path}; "
+                                    f"run `norm-pipeline stage {dep}` (or `norm-pipeline run --to {name}`)")
+            if rec.get("status") != "done":
+                raise PipelineError(f"stage {name!r} needs stage {dep!r}, which was skipped: {rec.get('reason', '')}")
+        fp = fingerprint(spec, self.cfg, upstream, self.env() if spec.environment else None)
+        rec = self.rd.record(name)
+        if rec and rec.get("fingerprint") == fp and not force and not self.rd.modified_files(name):
+            if not (standalone and rec.get("status") == "skipped"):
+                return StageResult(name, "cached", metrics=rec.get("metrics", {}), reason=rec.get("reason", ""))
+
+        work = self.rd.work_dir(name)
+        marker = work / ".fingerprint"
+        if work.exists() and (force or not marker.is_file() or marker.read_text() != fp):
+            shutil.rmtree(work)  # leftovers of another configuration: never resume from them
+        work.mkdir(parents=True, exist_ok=True)
+        marker.write_text(fp)
+        from stages.lib.context import StageContext
+
+        inputs = {n: self.rd.stage_dir(n) for n, r in upstream.items() if r and r.get("status") == "done"}
+        ctx = StageContext(name=name, out_dir=work, run_dir=self.rd.path, cfg=self.cfg, inputs=inputs,
+                           input_records={n: r for n, r in upstream.items() if r}, force=force, log=self.log)
+        started = datetime.now(timezone.utc)
+        t0 = time.perf_counter()
+        record = {"stage": name, "fingerprint": fp, "started": started.isoformat(), "versions": versions(),
+                  "config": {p: self.cfg.section(p) for p in spec.config},
+                  "inputs": {n: {"fingerprint": r.get("fingerprint"), "outputs": r.get("outputs")}
+                             for n, r in upstream.items() if r},
+                  "environment": self.env() if spec.environment else None}
+        try:
+            metrics = spec.load()(ctx) or {}
+        except StageSkipped as e:
+            record.update(status="skipped", reason=str(e), metrics={}, finished=_now(), duration_s=time.perf_counter() - t0)
+            if standalone:
+                raise PipelineError(f"stage {name!r} cannot run here: {e}") from None
+            self.rd.write_skipped(name, record)
+            return StageResult(name, "skipped", time.perf_counter() - t0, reason=str(e))
+        from stages.lib import dist
+
+        if dist.rank() != 0:
+            return StageResult(name, "done", time.perf_counter() - t0, metrics)
+        marker.unlink(missing_ok=True)
+        record.update(status="done", metrics=metrics, finished=_now(), duration_s=time.perf_counter() - t0)
+        self.rd.commit(name, record)
+        return StageResult(name, "done", time.perf_counter() - t0, metrics)
+
+    def save_config(self) -> None:
+        atomic_write_text(self.rd.path / "config.yaml", dump_config(self.cfg))
+
+
+def select(from_stage: Optional[str], to_stage: Optional[str]) -> list[str]:
+    order = graph.ORDER
+    lo = order.index(graph.get(from_stage).name) if from_stage else 0
+    hi = order.index(graph.get(to_stage).name) if to_stage else len(order) - 1
+    if lo > hi:
+        raise PipelineError(f"--from {from_stage} comes after --to {to_stage} in the stage order: {', '.join(order)}")
+    return order[lo : hi + 1]
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat()

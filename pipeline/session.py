@@ -1,0 +1,171 @@
+"""What the CLI commands do: run the graph or one stage, print status and the results table."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional
+
+from rich.console import Console
+from rich.table import Table
+
+from pipeline import graph
+from pipeline.config import PipelineConfig
+from pipeline.runner import Runner, StageResult, select
+from stages.lib.errors import PipelineError
+
+console = Console(stderr=False, highlight=False)
+
+
+def _log(msg: str) -> None:
+    console.print(msg, markup=False)
+
+
+def _describe(r: StageResult) -> str:
+    if r.status == "cached":
+        return "skipped (cached)"
+    if r.status == "skipped":
+        return f"skipped: {r.reason}"
+    return f"done in {r.seconds:.1f}s"
+
+
+def run_pipeline(cfg: PipelineConfig, run_dir: Path, *, from_stage: Optional[str] = None, to_stage: Optional[str] = None,
+                 force: bool = False, nproc: int = 1, config_path: Optional[str] = None,
+                 overrides: tuple[str, ...] = ()) -> list[StageResult]:
+    runner = Runner(cfg, run_dir, log=_log)
+    runner.rd.lock()
+    try:
+        runner.save_config()
+        results = []
+        for name in select(from_stage, to_stage):
+            spec = graph.get(name)
+            console.rule(f"[bold]{name}[/] — {spec.help}")
+            if nproc > 1 and spec.distributed:
+                result = _run_torchrun(runner, name, nproc, force, config_path, overrides, run_dir)
+            else:
+                result = runner.run_stage(name, force=force)
+            _log(f"{name}: {_describe(result)}")
+            results.append(result)
+        print_results(runner, results)
+        _write_report(runner)
+        return results
+    finally:
+        runner.rd.unlock()
+
+
+def _run_torchrun(runner: Runner, name: str, nproc: int, force: bool, config_path, overrides, run_dir) -> StageResult:
+    """Launch ``torchrun --nproc-per-node N -m pipeline.cli stage NAME`` (cached stages are not launched)."""
+    spec = graph.get(name)
+    if not force and runner.state(spec) in ("done",):
+        rec = runner.rd.record(name) or {}
+        return StageResult(name, "cached", metrics=rec.get("metrics", {}))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "pipeline.cli", "stage", name, "--run-dir", str(run_dir)]
+    if config_path:
+        cmd += ["-c", str(config_path)]
+    for o in overrides:
+        cmd += ["--set", o]
+    if force:
+        cmd.append("--force")
+    env = dict(os.environ, **{"NORM_PIPELINE_LOCK_HELD": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+    proc = subprocess.run(cmd, env=env)
+    if proc.returncode != 0:
+        raise PipelineError(f"stage {name} failed under torchrun with {nproc} processes (exit {proc.returncode}); see the output above")
+    rec = runner.rd.record(name) or {}
+    return StageResult(name, "done", rec.get("duration_s", 0.0), rec.get("metrics", {}))
+
+
+def run_single(cfg: PipelineConfig, run_dir: Path, name: str, *, force: bool = False, take_lock: bool = True) -> StageResult:
+    from stages.lib import dist
+
+    runner = Runner(cfg, run_dir, log=_log if dist.rank() == 0 else (lambda m: None))
+    graph.get(name)
+    is_main = os.environ.get("RANK", "0") == "0"
+    if take_lock and is_main:
+        runner.rd.lock()
+    try:
+        if is_main:
+            runner.rd.ensure()
+            runner.save_config()
+        result = runner.run_stage(name, force=force, standalone=True)
+        if is_main:
+            _log(f"{name}: {_describe(result)}")
+            if result.metrics:
+                print_results(runner, [result])
+        return result
+    finally:
+        runner.rd.unlock()
+        dist.shutdown()
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4f}" if abs(v) < 1000 else f"{v:.0f}"
+    return str(v)
+
+
+def print_results(runner: Runner, results: list[StageResult]) -> None:
+    table = Table(title=f"run {runner.rd.path}", show_lines=False)
+    for col in ("stage", "status", "time", "key metrics"):
+        table.add_column(col)
+    for r in results:
+        spec = graph.get(r.name)
+        keys = [k for k in spec.key_metrics if k in r.metrics]
+        metrics = ", ".join(f"{k}={_fmt(r.metrics[k])}" for k in keys) or r.reason
+        table.add_row(r.name, _describe(r).split(" in ")[0], f"{r.seconds:.1f}s" if r.status == "done" else "", metrics)
+    console.print(table)
+    acc = accuracy_summary(runner)
+    if acc:
+        console.print("[bold]accuracy (val top-1):[/] " + "  ".join(f"{k} {v * 100:.2f}%" for k, v in acc.items()))
+
+
+def accuracy_summary(runner: Runner) -> dict[str, float]:
+    """Teacher / baseline / NORM / merged top-1 from the records, when present."""
+    out = {}
+    for label, stage, key in (("teacher", "teacher", "top1"), ("baseline CE", "baseline", "ce_top1"),
+                              ("baseline KD", "baseline", "kd_top1"), ("NORM", "distill", "top1"),
+                              ("merged", "verify", "merged_top1")):
+        rec = runner.rd.record(stage)
+        if rec and rec.get("status") == "done" and rec.get("metrics", {}).get(key) is not None:
+            out[label] = float(rec["metrics"][key])
+    return out
+
+
+def _write_report(runner: Runner) -> None:
+    try:
+        from pipeline import report
+    except ImportError:
+        return
+    path = report.write_report(runner.rd.path)
+    _log(f"report: {path}")
+
+
+def print_status(cfg: PipelineConfig, run_dir: Path) -> None:
+    runner = Runner(cfg, run_dir, log=_log)
+    table = Table(title=f"status of {run_dir}")
+    for col in ("stage", "state", "finished", "key metrics"):
+        table.add_column(col)
+    colors = {"done": "green", "stale": "yellow", "skipped": "cyan", "missing": "dim", "interrupted": "red"}
+    for spec in graph.STAGES:
+        state = runner.state(spec)
+        rec = runner.rd.record(spec.name) or {}
+        m = rec.get("metrics", {})
+        info = ", ".join(f"{k}={_fmt(m[k])}" for k in spec.key_metrics if k in m) or rec.get("reason", "")
+        modified = runner.rd.modified_files(spec.name)
+        if modified:
+            state = "modified"
+            info = f"files changed since the record: {', '.join(modified[:3])}"
+        color = colors.get(state, "red")
+        table.add_row(spec.name, f"[{color}]{state}[/]", (rec.get("finished") or "")[:19].replace("T", " "), info)
+    console.print(table)
+
+
+def print_stage_list() -> None:
+    table = Table(title="stages (in order)")
+    for col in ("stage", "reads", "writes", "config", "what it does"):
+        table.add_column(col)
+    for s in graph.STAGES:
+        reads = ", ".join(list(s.inputs) + [f"{o} (optional)" for o in s.optional_inputs]) or "-"
+        table.add_row(s.name, reads, ", ".join(s.outputs), ", ".join(s.config), s.help)
+    console.print(table)

@@ -1,0 +1,325 @@
+"""Datasets: Fashion-MNIST (IDX), CIFAR-10/100 (torchvision layout), ImageFolder.
+
+Small datasets live in memory as uint8 tensors with batched augmentation (one crop/flip kernel for
+the whole batch instead of per-image PIL work); image folders go through a DataLoader.
+"""
+from __future__ import annotations
+
+import gzip
+import pickle
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+
+from stages.lib.errors import PipelineError
+
+FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+# ----------------------------------------------------------------------------- raw readers
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (optionally .gz); a clear error for anything truncated or malformed."""
+    path = Path(path)
+    try:
+        raw = gzip.open(path, "rb").read() if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise PipelineError(f"corrupt IDX file {path}: {e}; reinstall the dataset (apt-get install --reinstall dataset-fashion-mnist)") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+        raise PipelineError(f"corrupt IDX file {path}: bad magic number; reinstall the dataset")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise PipelineError(f"corrupt IDX file {path}: truncated header")
+    dims = struct.unpack(f">{ndim}I", raw[4:header])
+    dtype = np.dtype(_IDX_DTYPES[raw[2]])
+    expected = int(np.prod(dims)) * dtype.itemsize
+    if len(raw) - header != expected:
+        raise PipelineError(f"corrupt IDX file {path}: {len(raw) - header} data bytes, expected {expected} for shape {dims}")
+    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims)
+
+
+def _find(root: Path, stem: str) -> Path:
+    for name in (stem + ".gz", stem):
+        if (root / name).is_file():
+            return root / name
+    raise PipelineError(f"dataset file {stem}[.gz] not found in {root}; set data.root to the Fashion-MNIST folder "
+                        "or install it: apt-get install dataset-fashion-mnist")
+
+
+def load_fashion_mnist(root: Path) -> dict:
+    root = Path(root)
+    if not root.is_dir():
+        raise PipelineError(f"dataset root {root} does not exist; install it (apt-get install dataset-fashion-mnist) or set data.root")
+    out = {}
+    for split, prefix in (("train", "train"), ("val", "t10k")):
+        img_path, lbl_path = _find(root, f"{prefix}-images-idx3-ubyte"), _find(root, f"{prefix}-labels-idx1-ubyte")
+        images, labels = read_idx(img_path), read_idx(lbl_path)
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+            raise PipelineError(f"corrupt IDX pair {img_path.name}/{lbl_path.name}: shapes {images.shape} and {labels.shape} do not match")
+        out[split] = (torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64)))
+        out[f"{split}_files"] = [img_path, lbl_path]
+    out["classes"] = list(FASHION_MNIST_CLASSES)
+    return out
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """CIFAR's python batches are pickles: allow numpy arrays and builtins only, never arbitrary code."""
+
+    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+                ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a dataset file")
+
+
+def _unpickle(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return _NumpyOnlyUnpickler(f, encoding="latin1").load()
+    except (OSError, pickle.UnpicklingError, EOFError, ValueError) as e:
+        raise PipelineError(f"corrupt CIFAR batch {path}: {e}") from None
+
+
+def load_cifar(root: Path, num_classes: int, download: bool = False) -> dict:
+    folder = Path(root) / ("cifar-10-batches-py" if num_classes == 10 else "cifar-100-python")
+    if not folder.is_dir() and download:
+        from torchvision.datasets import CIFAR10, CIFAR100
+
+        (CIFAR10 if num_classes == 10 else CIFAR100)(str(root), train=True, download=True)
+    if not folder.is_dir():
+        raise PipelineError(f"CIFAR-{num_classes} not found: expected {folder} (torchvision layout); "
+                            "set data.root, or data.download=true on a machine with internet")
+    if num_classes == 10:
+        train_files, val_files, meta_file, label_key, names_key = (
+            [folder / f"data_batch_{i}" for i in range(1, 6)], [folder / "test_batch"], folder / "batches.meta", "labels", "label_names")
+    else:
+        train_files, val_files, meta_file, label_key, names_key = (
+            [folder / "train"], [folder / "test"], folder / "meta", "fine_labels", "fine_label_names")
+    out: dict = {"classes": list(_unpickle(meta_file)[names_key])}
+    for split, files in (("train", train_files), ("val", val_files)):
+        xs, ys = [], []
+        for f in files:
+            d = _unpickle(f)
+            xs.append(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            ys.append(np.asarray(d[label_key], dtype=np.int64))
+        out[split] = (torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys)))
+        out[f"{split}_files"] = files
+    return out
+
+
+def check_image_folder(root: Path) -> list[str]:
+    """train/ and val/ with the same non-empty class folders; returns the class names."""
+    root = Path(root)
+    classes = {}
+    for split in ("train", "val"):
+        d = root / split
+        if not d.is_dir():
+            raise PipelineError(f"image folder {root} has no {split}/ folder; expected {root}/train/<class>/*.jpg and {root}/val/<class>/*.jpg")
+        names = sorted(p.name for p in d.iterdir() if p.is_dir())
+        if not names:
+            raise PipelineError(f"{d} has no class folders")
+        for n in names:
+            if not any(f.is_file() for f in (d / n).iterdir()):
+                raise PipelineError(f"class folder {d / n} is empty; remove it or add images")
+        classes[split] = names
+    if classes["train"] != classes["val"]:
+        only_t = sorted(set(classes["train"]) - set(classes["val"]))
+        only_v = sorted(set(classes["val"]) - set(classes["train"]))
+        raise PipelineError(f"train/val class folders differ in {root}: only in train {only_t}, only in val {only_v}")
+    return classes["train"]
+
+
+# ----------------------------------------------------------------------------- iteration
+def normalize(x_uint8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    return (x_uint8.float().div_(255.0) - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+
+
+def random_crop_flip(x: torch.Tensor, padding: int, hflip: bool, gen: torch.Generator) -> torch.Tensor:
+    """Batched augmentation on uint8 NCHW: zero-pad, random crop back to size, random horizontal flip."""
+    b, c, h, w = x.shape
+    dev = x.device
+    if padding > 0:
+        padded = torch.nn.functional.pad(x, (padding,) * 4)
+        oy = torch.randint(0, 2 * padding + 1, (b,), generator=gen).to(dev)
+        ox = torch.randint(0, 2 * padding + 1, (b,), generator=gen).to(dev)
+        rows = (oy[:, None] + torch.arange(h, device=dev))[:, None, :, None]
+        cols = (ox[:, None] + torch.arange(w, device=dev))[:, None, None, :]
+        x = padded[torch.arange(b, device=dev)[:, None, None, None], torch.arange(c, device=dev)[None, :, None, None], rows, cols]
+    if hflip:
+        flip = (torch.rand(b, generator=gen) < 0.5).to(dev)
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    return x
+
+
+@dataclass
+class TensorSplit:
+    """An in-memory split: uint8 images + labels, iterated as normalised float batches."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+    batch_size: int
+    shuffle: bool = False
+    augment: bool = False
+    padding: int = 0
+    hflip: bool = False
+    seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+    device: str = "cpu"
+    epoch: int = 0
+    drop_last: bool = False
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _indices(self) -> torch.Tensor:
+        n = len(self.labels)
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+            idx = torch.randperm(n, generator=g)
+        else:
+            idx = torch.arange(n)
+        if self.world_size > 1:  # same sharding rule as DistributedSampler: pad, then stride by rank
+            per = -(-n // self.world_size)
+            idx = torch.cat([idx, idx[: per * self.world_size - n]])[self.rank :: self.world_size]
+        return idx
+
+    def __len__(self) -> int:
+        n = len(self._indices())
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.labels)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        idx = self._indices()
+        gen = torch.Generator().manual_seed(self.seed * 7919 + self.epoch * 31 + self.rank)
+        mean, std = self.mean.to(self.device), self.std.to(self.device)
+        for start in range(0, len(idx), self.batch_size):
+            sel = idx[start : start + self.batch_size]
+            if self.drop_last and len(sel) < self.batch_size:
+                break
+            x = self.images[sel].to(self.device, non_blocking=True)
+            if self.augment:
+                x = random_crop_flip(x, self.padding, self.hflip, gen)
+            yield normalize(x, mean, std), self.labels[sel].to(self.device, non_blocking=True)
+
+
+class LoaderSplit:
+    """An image-folder split through a DataLoader (DistributedSampler under torchrun)."""
+
+    def __init__(self, dataset, batch_size: int, shuffle: bool, num_workers: int, device: str,
+                 rank: int = 0, world_size: int = 1, seed: int = 0):
+        from torch.utils.data import DataLoader, DistributedSampler
+
+        self.sampler = DistributedSampler(dataset, world_size, rank, shuffle=shuffle, seed=seed) if world_size > 1 else None
+        self.loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and self.sampler is None,
+                                 sampler=self.sampler, num_workers=num_workers,
+                                 pin_memory=device.startswith("cuda"), persistent_workers=num_workers > 0)
+        self.device = device
+        self.num_samples = len(dataset)
+
+    def set_epoch(self, epoch: int) -> None:
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for x, y in self.loader:
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
+def _subset(x: torch.Tensor, y: torch.Tensor, limit: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``limit`` images of a fixed shuffle (deterministic, class-balanced in expectation)."""
+    if limit is None or limit >= len(y):
+        return x, y
+    idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(12345))[:limit]
+    return x[idx], y[idx]
+
+
+# ----------------------------------------------------------------------------- the data stage's meta
+def load_raw(dataset: str, root: Optional[Path], download: bool = False) -> dict:
+    """In-memory datasets as {"train": (x, y), "val": (x, y), "classes", "*_files"}."""
+    if dataset == "fashion_mnist":
+        return load_fashion_mnist(Path(root) if root else FASHION_MNIST_ROOT)
+    if dataset in ("cifar10", "cifar100"):
+        if root is None:
+            raise PipelineError(f"{dataset} needs data.root (the folder that holds the torchvision-layout CIFAR files)")
+        return load_cifar(Path(root), 10 if dataset == "cifar10" else 100, download)
+    raise PipelineError(f"dataset {dataset!r} is not an in-memory dataset")
+
+
+def channel_stats(x_uint8: torch.Tensor) -> tuple[list[float], list[float]]:
+    x = x_uint8.float().div_(255.0)
+    dims = [0, 2, 3]
+    return x.mean(dims).tolist(), x.std(dims).tolist()
+
+
+def make_splits(meta: dict, *, batch_size: int, eval_batch_size: int, device: str = "cpu", rank: int = 0,
+                world_size: int = 1, seed: int = 0, num_workers: int = 0, shard_val: bool = False):
+    """(train, val) splits from the data stage's ``dataset.json``; train shuffles and augments."""
+    if meta["dataset"] == "imagefolder":
+        return _image_folder_splits(meta, batch_size, eval_batch_size, device, rank, world_size, seed, num_workers, shard_val)
+    raw = load_raw(meta["dataset"], meta.get("root"))
+    mean, std = torch.tensor(meta["mean"]), torch.tensor(meta["std"])
+    xt, yt = _subset(*raw["train"], meta.get("train_limit"))
+    xv, yv = _subset(*raw["val"], meta.get("val_limit"))
+    if device.startswith("cuda"):  # device-resident data: no per-batch host->device copies
+        xt, yt, xv, yv = (t.to(device) for t in (xt, yt, xv, yv))
+    common = dict(mean=mean, std=std, seed=seed, device=device)
+    train = TensorSplit(xt, yt, batch_size=batch_size, shuffle=True, augment=meta.get("augment", True),
+                        padding=meta.get("crop_padding", 0), hflip=meta.get("hflip", False),
+                        rank=rank, world_size=world_size, drop_last=False, **common)
+    val = TensorSplit(xv, yv, batch_size=eval_batch_size, rank=rank if shard_val else 0,
+                      world_size=world_size if shard_val else 1, **common)
+    return train, val
+
+
+def image_folder_transforms(size: int, mean: list[float], std: list[float]):
+    from torchvision import transforms as T
+
+    train = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
+    val = T.Compose([T.Resize(int(round(size * 256 / 224))), T.CenterCrop(size), T.ToTensor(), T.Normalize(mean, std)])
+    return train, val
+
+
+def _image_folder_splits(meta, batch_size, eval_batch_size, device, rank, world_size, seed, num_workers, shard_val):
+    from torch.utils.data import Subset
+    from torchvision.datasets import ImageFolder
+
+    t_train, t_val = image_folder_transforms(meta["input_size"][0], meta["mean"], meta["std"])
+    root = Path(meta["root"])
+    ds_train, ds_val = ImageFolder(str(root / "train"), t_train), ImageFolder(str(root / "val"), t_val)
+    for ds, key in ((ds_train, "train_limit"), (ds_val, "val_limit")):
+        if meta.get(key) and meta[key] < len(ds):
+            idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(12345))[: meta[key]].tolist()
+            if key == "train_limit":
+                ds_train = Subset(ds, idx)
+            else:
+                ds_val = Subset(ds, idx)
+    train = LoaderSplit(ds_train, batch_size, True, num_workers, device, rank, world_size, seed)
+    val = LoaderSplit(ds_val, eval_batch_size, False, num_workers, device,
+                      rank if shard_val else 0, world_size if shard_val else 1, seed)
+    return train, val
+
+
+def val_batches(meta: dict, batch_size: int = 256, device: str = "cpu"):
+    """The validation split alone, unshuffled, for evaluation/verification/parity stages."""
+    return make_splits(meta, batch_size=1, eval_batch_size=batch_size, device=device)[1]
