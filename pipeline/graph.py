@@ -46,7 +46,7 @@ STAGES: tuple[StageSpec, ...] = (
               inputs=("data", "distill", "merge"), config=("verify",), outputs=("verify.json",),
               key_metrics=("fp32_max_rel_diff", "top1_agreement")),
     StageSpec("export", "stages.export", "ONNX export (dynamic batch), checker, onnxruntime parity, graph identity",
-              inputs=("data", "teacher", "distill", "merge"), config=("export",),
+              inputs=("data", "teacher", "distill", "merge", "verify"), config=("export",),
               outputs=("model.onnx", "vanilla.onnx", "unmerged.onnx", "teacher.onnx", "export.json"),
               key_metrics=("ort_max_abs_diff", "graph_identical")),
     StageSpec("engine", "stages.engine", "TensorRT engines (fp32/fp16) + sidecar JSON, parity and accuracy",

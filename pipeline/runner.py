@@ -112,6 +112,8 @@ class Runner:
             return "interrupted" if self.rd.work_dir(spec.name).exists() else "missing"
         if rec.get("fingerprint") != self.current_fingerprint(spec):
             return "stale"
+        if any(self.state(graph.get(n)) in ("stale", "missing", "interrupted") for n in spec.inputs):
+            return "stale"  # consistent with its inputs, but they are out of date themselves
         return "skipped" if rec.get("status") == "skipped" else "done"
 
     # ------------------------------------------------------------------ running

@@ -1,0 +1,63 @@
+"""Config schema: defaults, YAML overrides, --set, and one-line errors naming the key."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import PipelineConfig, dump_config, load_config, parse_override
+from stages.lib.errors import PipelineError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_embedded_default_validates():
+    cfg = load_config(ROOT / "pipeline.yaml")
+    assert cfg.data.dataset == "fashion_mnist"
+    assert cfg.distill.n >= 1
+
+
+def test_presets_validate():
+    presets = sorted((ROOT / "configs").glob("*.yaml"))
+    for p in presets:
+        load_config(p)
+
+
+def test_set_overrides_are_typed():
+    cfg = load_config(None, ["distill.epochs=7", "distill.residual=false", "benchmark.batch_sizes=[1, 8]"])
+    assert cfg.distill.epochs == 7 and cfg.distill.residual is False and cfg.benchmark.batch_sizes == [1, 8]
+
+
+@pytest.mark.parametrize("yaml_text, needle", [
+    ("distill:\n  epochz: 3\n", "distill.epochz: unknown key"),
+    ("distill:\n  epochs: many\n", "distill.epochs"),
+    ("distill:\n  n: 0\n", "distill.n"),
+    ("bogus_section: {}\n", "bogus_section: unknown key"),
+    ("distill: [1, 2\n", "invalid YAML"),
+    ("- just\n- a list\n", "top level must be a mapping"),
+    ("engine:\n  min_batch: 8\n  opt_batch: 4\n", "min_batch <= opt_batch"),
+])
+def test_bad_yaml_gives_one_line_error(tmp_path, yaml_text, needle):
+    p = tmp_path / "bad.yaml"
+    p.write_text(yaml_text)
+    with pytest.raises(PipelineError) as e:
+        load_config(p)
+    assert needle in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_missing_file_and_bad_set():
+    with pytest.raises(PipelineError, match="config file not found"):
+        load_config("/nonexistent/pipeline.yaml")
+    with pytest.raises(PipelineError, match="expected section.key=value"):
+        parse_override("distill.epochs")
+    with pytest.raises(PipelineError, match="must name a section"):
+        parse_override("epochs=3")
+
+
+def test_dump_roundtrip(tmp_path):
+    cfg = load_config(None, ["student.model=resnet20", "run.name=x"])
+    p = tmp_path / "resolved.yaml"
+    p.write_text(dump_config(cfg))
+    assert load_config(p) == cfg
+    assert PipelineConfig().section("run.seed") == 0
