@@ -1,0 +1,592 @@
+"""stages/lib/trt.py and the engine stage: pure parts on CPU (fp16 ONNX, compatibility rules, sidecars,
+parity bookkeeping with fake engines); real TensorRT builds only where TensorRT and a GPU exist."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from stages.lib import trt
+from stages.lib.errors import PipelineError, StageSkipped
+
+_EXPORTS: dict[str, Path] = {}
+TRT_OK, TRT_REASON = trt.trt_available()
+
+
+def make_export_dir(upstream, dest: Path) -> Path:
+    """A minimal finished `export` folder: model.onnx of the merged student (dynamo, dynamic batch, metadata).
+
+    Cached per upstream run so test modules share one export (the dynamo exporter takes ~10 s here).
+    """
+    key = str(upstream["base"])
+    if key in _EXPORTS:  # exported once per session; each caller gets its own copy at dest
+        import shutil
+
+        if Path(dest) != _EXPORTS[key]:
+            shutil.copytree(_EXPORTS[key], dest, dirs_exist_ok=True)
+        return Path(dest)
+    import onnx
+    import torch
+
+    from stages.lib.checkpoints import load_model
+
+    meta = json.loads((upstream["data"] / "dataset.json").read_text())
+    model, m_meta = load_model(upstream["merge"] / "model.pt")
+    dest.mkdir(parents=True, exist_ok=True)
+    path = dest / "model.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model.eval(), (torch.randn(2, 1, 28, 28),), str(path), input_names=["input"],
+                          output_names=["logits"], opset_version=18, dynamo=True, external_data=False,
+                          dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=64)},))
+    proto = onnx.load(str(path))
+    props = {"classes": json.dumps(meta["classes"]), "mean": json.dumps(meta["mean"]), "std": json.dumps(meta["std"]),
+             "input_layout": "NCHW", "input_shape": json.dumps([-1, 1, 28, 28]), "num_classes": "10",
+             "model": m_meta["model"], "kind": "merged"}
+    for k, v in props.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = k, v
+    onnx.save(proto, str(path))
+    (dest / "export.json").write_text(json.dumps({"models": {"merged": {"file": "model.onnx"}}}))
+    _EXPORTS[key] = dest
+    return dest
+
+
+@pytest.fixture(scope="module")
+def export_dir(upstream, tmp_path_factory):
+    return make_export_dir(upstream, tmp_path_factory.mktemp("export"))
+
+
+@pytest.fixture(scope="module")
+def val_x(upstream):
+    from stages.lib.datasets import val_batches
+
+    meta = json.loads((upstream["data"] / "dataset.json").read_text())
+    x, y = next(iter(val_batches(meta, batch_size=64)))
+    return x.numpy(), y.numpy()
+
+
+def _ort(path):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+# ----------------------------------------------------------------------------- fp16 ONNX
+def test_fp16_conversion_close_to_fp32(export_dir, val_x, tmp_path):
+    import onnx
+
+    dst = tmp_path / "model_fp16.onnx"
+    stats = trt.convert_onnx_to_fp16(export_dir / "model.onnx", dst)
+    g = onnx.load(str(dst)).graph
+    assert stats["initializers"] > 0 and stats["clipped_values"] == 0
+    assert [i.type.tensor_type.elem_type for i in g.input] == [onnx.TensorProto.FLOAT]
+    assert [o.type.tensor_type.elem_type for o in g.output] == [onnx.TensorProto.FLOAT]
+    assert not [i.name for i in g.initializer if i.data_type == onnx.TensorProto.FLOAT]
+    assert g.node[0].op_type == "Cast" and g.node[-1].op_type == "Cast"
+    assert {p.key for p in onnx.load(str(dst)).metadata_props} >= {"classes", "mean", "std"}
+    x = val_x[0]
+    a = _ort(export_dir / "model.onnx").run(["logits"], {"input": x})[0]
+    b = _ort(dst).run(["logits"], {"input": x})[0]
+    assert b.dtype == np.float32 and b.shape == a.shape
+    err = np.abs(a - b).max() / np.abs(a).max()
+    assert 0 < err < 1e-2, err  # > 0: the arithmetic really is fp16 now
+    assert (a.argmax(1) == b.argmax(1)).mean() >= 0.95
+
+
+def _synthetic(path: Path) -> None:
+    """Constants, Resize scales (fp32-only input), ConstantOfShape, an internal Cast, two outputs."""
+    import onnx
+    from onnx import TensorProto as T, helper as h, numpy_helper as nh
+
+    rng = np.random.default_rng(0)
+    inits = [nh.from_array(rng.standard_normal((4, 2, 3, 3)).astype(np.float32), "W"),
+             nh.from_array(np.array([1, 1, 2, 2], np.float32), "scales"), nh.from_array(np.array([1, 4, 1, 1], np.int64), "shape"),
+             nh.from_array(np.array([1e6, 1.0, 1e6, 2.0], np.float32).reshape(1, 4, 1, 1), "big")]
+    nodes = [h.make_node("Conv", ["x", "W"], ["c"], pads=[1, 1, 1, 1]), h.make_node("Constant", [], ["k"], value_float=0.5),
+             h.make_node("Mul", ["c", "k"], ["m"]), h.make_node("Resize", ["m", "", "scales"], ["r"], mode="nearest"),
+             h.make_node("ConstantOfShape", ["shape"], ["z"]), h.make_node("Add", ["r", "z"], ["a"]),
+             h.make_node("Cast", ["a"], ["a32"], to=T.FLOAT), h.make_node("Relu", ["a32"], ["y"]),
+             h.make_node("GlobalAveragePool", ["y"], ["out"]), h.make_node("Min", ["out", "big"], ["out2"])]
+    graph = h.make_graph(nodes, "syn", [h.make_tensor_value_info("x", T.FLOAT, ["b", 2, 5, 5])],
+                         [h.make_tensor_value_info("out2", T.FLOAT, ["b", 4, 1, 1]),
+                          h.make_tensor_value_info("y", T.FLOAT, ["b", 4, 10, 10])], inits)
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 18)])
+    model.ir_version = 9
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
+def test_fp16_conversion_edge_cases(tmp_path):
+    _synthetic(tmp_path / "s.onnx")
+    stats = trt.convert_onnx_to_fp16(tmp_path / "s.onnx", tmp_path / "s16.onnx")
+    assert stats["constants"] == 1 and stats["clipped_values"] == 2  # 1e6 does not fit in fp16: clipped to 65504
+    assert stats["casts"] == 4  # input, two outputs, Resize scales back to fp32
+    x = np.random.default_rng(1).standard_normal((3, 2, 5, 5)).astype(np.float32)
+    for a, b in zip(_ort(tmp_path / "s.onnx").run(None, {"x": x}), _ort(tmp_path / "s16.onnx").run(None, {"x": x})):
+        assert b.dtype == np.float32 and b.shape == a.shape
+        np.testing.assert_allclose(b, a, atol=2e-2, rtol=2e-2)
+
+
+def test_fp16_conversion_refuses_subgraphs(tmp_path):
+    import onnx
+    from onnx import TensorProto as T, helper as h
+
+    branch = h.make_graph([h.make_node("Identity", ["x"], ["o"])], "b", [], [h.make_tensor_value_info("o", T.FLOAT, [1])])
+    node = h.make_node("If", ["cond"], ["y"], then_branch=branch, else_branch=branch)
+    g = h.make_graph([node], "g", [h.make_tensor_value_info("cond", T.BOOL, []), h.make_tensor_value_info("x", T.FLOAT, [1])],
+                     [h.make_tensor_value_info("y", T.FLOAT, [1])])
+    onnx.save(h.make_model(g, opset_imports=[h.make_opsetid("", 18)]), str(tmp_path / "if.onnx"))
+    with pytest.raises(PipelineError, match="subgraph"):
+        trt.convert_onnx_to_fp16(tmp_path / "if.onnx", tmp_path / "out.onnx")
+    assert not (tmp_path / "out.onnx").exists()
+
+
+# ----------------------------------------------------------------------------- versions, profiles, sidecars
+def test_versions_and_profiles():
+    assert trt.parse_version("10.3.0.26") == (10, 3, 0, 26)
+    assert trt.parse_version("11.4.1.post1") == (11, 4, 1)
+    assert trt.parse_cc("8.7") == (8, 7) and trt.parse_cc((9, 0)) == (9, 0)
+    assert trt.profile_shapes([-1, 1, 28, 28], 1, 8, 64) == {"min": [1, 1, 28, 28], "opt": [8, 1, 28, 28], "max": [64, 1, 28, 28]}
+    with pytest.raises(PipelineError, match="min_batch <= engine.opt_batch"):
+        trt.profile_shapes([-1, 1, 28, 28], 8, 4, 64)
+    with pytest.raises(PipelineError, match="dynamic axes besides the batch"):
+        trt.profile_shapes([-1, 3, -1, -1], 1, 1, 1)
+
+
+class _ParserError:
+    def __init__(self, desc, node):
+        self._d, self._n = desc, node
+
+    def desc(self):
+        return self._d
+
+    def node_name(self):
+        return self._n
+
+    def node_operator(self):
+        return "Foo"
+
+
+def test_parser_errors_are_listed():
+    errs = [trt._parser_error_text(_ParserError(f"problem {i}", f"node_{i}")) for i in range(7)]
+    msg = trt.format_parser_errors("m.onnx", errs)
+    assert "problem 0 [node_0 / Foo]" in msg and "problem 4" in msg and "(2 more)" in msg and "m.onnx" in msg
+
+
+def _sidecar(tmp_path, **over) -> dict:
+    (tmp_path / "model_fp32.plan").write_bytes(b"\x00plan-bytes")
+    (tmp_path / "model.onnx").write_bytes(b"onnx")
+    side = trt.make_sidecar(plan_path=tmp_path / "model_fp32.plan", onnx_path=tmp_path / "model.onnx", precision="fp32",
+                            fp16_mode=None, tensorrt_version="10.3.0.26", gpu={"name": "Orin", "compute_capability": "8.7"},
+                            profile={"input": "input", "min": [1], "opt": [8], "max": [64]}, hardware_compatibility="none",
+                            inputs=[], outputs=[], build_seconds=1.23456, optimization_level=3, workspace_mb=1024)
+    return {**side, **over}
+
+
+def test_sidecar_roundtrip(tmp_path):
+    import hashlib
+
+    side = _sidecar(tmp_path)
+    assert side["plan_sha256"] == hashlib.sha256(b"\x00plan-bytes").hexdigest() and side["plan_bytes"] == 11
+    assert side["onnx_sha256"] == hashlib.sha256(b"onnx").hexdigest() and side["build_seconds"] == 1.235
+    path = trt.sidecar_path_for(tmp_path / "model_fp32.plan")
+    assert path.name == "model_fp32.json"
+    path.write_text(json.dumps(side))
+    assert trt.load_sidecar(path) == side
+    path.write_text(json.dumps({"plan": "x"}))
+    with pytest.raises(PipelineError, match="not a norm-pipeline engine sidecar"):
+        trt.load_sidecar(path)
+    with pytest.raises(PipelineError, match="not found"):
+        trt.load_sidecar(tmp_path / "nope.json")
+
+
+def test_compatibility_rules(tmp_path):
+    side = _sidecar(tmp_path)
+    here = {"tensorrt_version": "10.3.0.30", "gpu_name": "Orin", "compute_capability": "8.7"}
+    trt.check_compatibility(side, here)  # patch differs: loads, with a note
+    assert any("10.3.0.26" in n and "10.3.0.30" in n for n in trt.compatibility_notes(side, here))
+    with pytest.raises(PipelineError) as e:
+        trt.check_compatibility(side, {**here, "tensorrt_version": "10.8.0"})
+    assert "10.3.0.26" in str(e.value) and "10.8.0" in str(e.value)
+    with pytest.raises(PipelineError, match=r"compute capability 8\.7.*has 8\.6"):
+        trt.check_compatibility(side, {**here, "compute_capability": "8.6", "gpu_name": "RTX 3090"})
+    with pytest.raises(PipelineError, match="not installed"):
+        trt.check_compatibility(side, {**here, "tensorrt_version": None})
+    with pytest.raises(PipelineError, match="no CUDA device"):
+        trt.check_compatibility(side, {**here, "compute_capability": None})
+    amp = {**side, "hardware_compatibility": "ampere_plus", "compute_capability": "8.0"}
+    for cc in ("8.6", "8.9", "9.0"):
+        trt.check_compatibility(amp, {**here, "compute_capability": cc})
+    with pytest.raises(PipelineError, match=">= 8.0"):
+        trt.check_compatibility(amp, {**here, "compute_capability": "7.5"})
+    same = {**side, "hardware_compatibility": "same_compute_capability"}
+    trt.check_compatibility(same, {**here, "gpu_name": "another 8.7 GPU"})
+    assert not trt.compatibility_notes(same, {**here, "tensorrt_version": "10.3.0.26", "gpu_name": "another 8.7 GPU"})
+    vc = {**side, "version_compatible": True}
+    trt.check_compatibility(vc, {**here, "tensorrt_version": "10.9.0"})
+    with pytest.raises(PipelineError, match=">= 10.3.0.26"):
+        trt.check_compatibility(vc, {**here, "tensorrt_version": "10.2.0"})
+
+
+# ----------------------------------------------------------------------------- environment
+def test_environment_fingerprint_is_cheap():
+    code = ("import sys, json; from stages.engine import environment_fingerprint as f; fp = f(); "
+            "assert 'torch' not in sys.modules, 'torch imported'; print(json.dumps(fp))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[2], timeout=60)
+    assert out.returncode == 0, out.stderr
+    fp = json.loads(out.stdout)
+    assert set(fp) == {"tensorrt", "cuda", "gpu", "compute_capability"}
+    assert fp["cuda"] == (fp["gpu"] is not None)
+
+
+@pytest.mark.skipif(TRT_OK, reason="TensorRT and a GPU are present here")
+def test_engine_stage_skips_without_tensorrt(make_ctx, export_dir):
+    import stages.engine
+
+    assert "tensorrt" in TRT_REASON.lower() or "gpu" in TRT_REASON.lower()
+    with pytest.raises(StageSkipped) as e:
+        stages.engine.run(make_ctx("engine", inputs={"export": export_dir}))
+    assert str(e.value) == TRT_REASON
+
+
+def test_cuda_python_errors_are_pipeline_errors():
+    pytest.importorskip("cuda.bindings", reason="cuda-python is not installed")
+    if trt.gpu_info() is not None:
+        pytest.skip("a CUDA GPU is visible: cudaStreamCreate would succeed")
+    with pytest.raises(PipelineError, match="cudaStreamCreate"):
+        trt._CudaPythonBuffers()
+
+
+
+# ----------------------------------------------------------------------------- the stage, with fake engines
+class FakeRunner:
+    """Stands in for TrtRunner: onnxruntime plus optional noise; insists the batch fits the engine profile."""
+
+    noise = {"fp32": 0.0, "fp16": 0.0}
+    onnx_path: Path = Path("model.onnx")
+    seen: list = []
+    closed: list = []
+
+    def __init__(self, plan_path, sidecar_path=None):
+        side = trt.load_sidecar(trt.sidecar_path_for(plan_path))
+        self.precision, self.notes = side["precision"], []
+        self.min, self.max = side["profile"]["min"][0], side["profile"]["max"][0]
+        self.session, self.rng = _ort(self.onnx_path), np.random.default_rng(0)
+
+    def infer(self, x):
+        assert self.min <= len(x) <= self.max, len(x)
+        FakeRunner.seen.append(len(x))
+        out = self.session.run(["logits"], {"input": x})[0]
+        return out + np.float32(self.noise[self.precision]) * self.rng.standard_normal(out.shape).astype(np.float32)
+
+    def time(self, x, iters):
+        assert len(x) <= self.max
+        return [0.25] * iters
+
+    def close(self):
+        FakeRunner.closed.append(self.precision)
+
+
+def fake_build(onnx_path, plan_path, *, precision, min_batch, opt_batch, max_batch, timing_cache_path=None, **kw):
+    Path(plan_path).write_bytes(b"fake plan " + precision.encode())
+    ins, outs = trt.onnx_io(onnx_path)
+    side = trt.make_sidecar(plan_path=plan_path, onnx_path=onnx_path, precision=precision, fp16_mode=None,
+                            tensorrt_version="10.3.0.26", gpu={"name": "Fake GPU", "compute_capability": "8.7"},
+                            profile={"input": "input", **trt.profile_shapes(ins[0]["shape"], min_batch, opt_batch, max_batch)},
+                            hardware_compatibility=kw.get("hardware_compatibility", "none"), inputs=ins, outputs=outs,
+                            build_seconds=0.1, optimization_level=kw.get("optimization_level", 3),
+                            workspace_mb=kw.get("workspace_mb", 1024))
+    assert timing_cache_path is not None
+    trt.sidecar_path_for(plan_path).write_text(json.dumps(side))
+    return side
+
+
+@pytest.fixture
+def fake_trt(monkeypatch, export_dir):
+    monkeypatch.setattr(trt, "trt_available", lambda: (True, "fake TensorRT"))
+    monkeypatch.setattr(trt, "build_engine", fake_build)
+    monkeypatch.setattr(trt, "TrtRunner", FakeRunner)
+    monkeypatch.setattr(FakeRunner, "onnx_path", export_dir / "model.onnx")
+    monkeypatch.setattr(FakeRunner, "noise", {"fp32": 0.0, "fp16": 0.0})
+    FakeRunner.seen, FakeRunner.closed = [], []
+    return FakeRunner
+
+
+def _cfg(upstream, tmp_path):
+    from pipeline.config import EngineCfg
+
+    cfg = upstream["cfg"].model_copy(deep=True)
+    cfg.engine = EngineCfg(min_batch=30, opt_batch=40, max_batch=64, timing_cache=tmp_path / "cache")
+    cfg.data.eval_batch_size = 50  # 128 images -> 50, 50, 28: the last batch is padded up to min_batch
+    return cfg
+
+
+def test_engine_stage_with_fake_engines(upstream, make_ctx, export_dir, fake_trt, tmp_path):
+    import stages.engine
+
+    ctx = make_ctx("engine", inputs={"export": export_dir}, cfg=_cfg(upstream, tmp_path))
+    metrics = stages.engine.run(ctx)
+    report = json.loads((ctx.out_dir / "engine.json").read_text())
+    assert report["ok"] and report["samples"] == 128 and set(report["engines"]) == {"fp32", "fp16"}
+    for p in ("fp32", "fp16"):
+        assert (ctx.out_dir / f"model_{p}.plan").is_file() and (ctx.out_dir / f"model_{p}.json").is_file()
+        assert metrics[f"{p}_top1"] == metrics["ort_top1"] and metrics[f"{p}_top1_agreement"] == 1.0
+        assert metrics[f"{p}_max_abs_diff"] == 0.0 and metrics[f"{p}_parity_ok"] and metrics[f"{p}_latency_ms"] == 0.25
+        assert report["engines"][p]["latency"]["batch"] == 40
+    assert metrics["tensorrt_version"] == "10.3.0.26" and metrics["gpu"] == "Fake GPU"
+    assert 30 in fake_trt.seen and sorted(fake_trt.closed) == ["fp16", "fp32"]
+    json.dumps(metrics)  # JSON-serialisable
+
+
+def test_engine_stage_parity_failure_writes_report(upstream, make_ctx, export_dir, fake_trt, tmp_path, monkeypatch):
+    import stages.engine
+
+    monkeypatch.setattr(FakeRunner, "noise", {"fp32": 0.0, "fp16": 1.0})
+    ctx = make_ctx("engine", inputs={"export": export_dir}, cfg=_cfg(upstream, tmp_path))
+    with pytest.raises(PipelineError, match="fp16: .* elements off"):
+        stages.engine.run(ctx)
+    report = json.loads((ctx.out_dir / "engine.json").read_text())
+    assert not report["ok"] and report["engines"]["fp32"]["parity"]["ok"]
+    assert not report["engines"]["fp16"]["parity"]["ok"] and report["engines"]["fp16"]["parity"]["failed_elements"] > 0
+    assert sorted(fake_trt.closed) == ["fp16", "fp32"]
+
+
+# ----------------------------------------------------------------------------- a fake `tensorrt` module
+MEMORY: dict[int, np.ndarray] = {}  # the fake device: address -> bytes
+
+
+class FakeBuffers:
+    """The buffer-backend interface over host memory, so TrtRunner's data path runs on CPU."""
+
+    name, stream_handle = "fake", 7
+
+    def alloc(self, nbytes):
+        addr = 4096 * (len(MEMORY) + 1)
+        MEMORY[addr] = np.zeros(nbytes, np.uint8)
+        return addr
+
+    def free(self, ptr):
+        MEMORY.pop(ptr)
+
+    def htod(self, ptr, host):
+        MEMORY[ptr][: host.nbytes] = host.reshape(-1).view(np.uint8)
+
+    def dtoh(self, host, ptr):
+        host.reshape(-1).view(np.uint8)[:] = MEMORY[ptr][: host.nbytes]
+
+    def sync(self):
+        pass
+
+    def event(self):
+        return object()
+
+    def record(self, ev):
+        pass
+
+    def elapsed_ms(self, a, b):
+        return 0.5
+
+    def drop_event(self, ev):
+        pass
+
+    def close(self):
+        pass
+
+
+def fake_tensorrt(version: str):
+    """Just the API surface stages.lib.trt uses; TensorRT 11 lacks BuilderFlag.FP16 (strong typing)."""
+    import types
+
+    m = types.ModuleType("tensorrt")
+    m.__version__, m.calls = version, []
+    m.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, sev: None})
+    m.MemoryPoolType = types.SimpleNamespace(WORKSPACE="workspace")
+    m.BuilderFlag = types.SimpleNamespace(TF32="tf32", **({} if version.startswith("11") else {"FP16": "fp16"}))
+    m.HardwareCompatibilityLevel = types.SimpleNamespace(NONE="none", AMPERE_PLUS="ampere+")
+    m.TensorIOMode = types.SimpleNamespace(INPUT="in", OUTPUT="out")
+    m.nptype = lambda dtype: np.float32
+
+    class Config:
+        def __init__(self):
+            self.flags, self.cache = set(), None
+
+        def set_memory_pool_limit(self, pool, nbytes):
+            m.calls.append(("pool", pool, nbytes))
+
+        def set_flag(self, f):
+            self.flags.add(f)
+
+        def clear_flag(self, f):
+            m.calls.append(("clear", f))
+
+        def add_optimization_profile(self, p):
+            m.calls.append(("profile", p.shapes))
+
+        def create_timing_cache(self, data):
+            return types.SimpleNamespace(data=bytes(data), serialize=lambda: bytes(data) + b"+")
+
+        def set_timing_cache(self, cache, ignore_mismatch):
+            self.cache = cache
+            return True
+
+        def get_timing_cache(self):
+            return self.cache
+
+    class Profile:
+        def set_shape(self, name, lo, opt, hi):
+            self.shapes = (name, list(lo), list(opt), list(hi))
+
+    class Builder:
+        def __init__(self, logger):
+            pass
+
+        def create_network(self, flags):
+            m.calls.append(("network_flags", flags))
+            return types.SimpleNamespace(path=None)
+
+        def create_builder_config(self):
+            return Config()
+
+        def create_optimization_profile(self):
+            return Profile()
+
+        def build_serialized_network(self, network, config):
+            m.calls.append(("build", sorted(config.flags), getattr(config, "hardware_compatibility_level", None)))
+            return b"FAKEPLAN" + Path(network.path).read_bytes()
+
+    class OnnxParser:
+        num_errors = 0
+
+        def __init__(self, network, logger):
+            self.network = network
+
+        def parse_from_file(self, path):
+            self.network.path = path
+            return True
+
+    class Context:
+        def __init__(self, session):
+            self.session, self.shape, self.addr = session, None, {}
+
+        def set_input_shape(self, name, shape):
+            self.shape = tuple(shape)
+            return True
+
+        def get_tensor_shape(self, name):
+            return self.shape if name == "input" else (self.shape[0], 10)
+
+        def set_tensor_address(self, name, addr):
+            self.addr[name] = addr
+
+        def execute_async_v3(self, stream):
+            n = int(np.prod(self.shape))
+            x = MEMORY[self.addr["input"]][: 4 * n].view(np.float32).reshape(self.shape)
+            out = self.session.run(["logits"], {"input": x})[0]
+            MEMORY[self.addr["logits"]][: out.nbytes] = out.reshape(-1).view(np.uint8)
+            return stream == FakeBuffers.stream_handle
+
+    class Engine:
+        num_io_tensors = 2
+
+        def __init__(self, onnx_bytes):
+            import onnxruntime as ort
+
+            self.session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+
+        get_tensor_name = staticmethod(lambda i: ["input", "logits"][i])
+        get_tensor_mode = staticmethod(lambda n: "in" if n == "input" else "out")
+        get_tensor_dtype = staticmethod(lambda n: "float32")
+        get_tensor_profile_shape = staticmethod(lambda n, i: [(1, 1, 28, 28), (8, 1, 28, 28), (64, 1, 28, 28)])
+
+        def create_execution_context(self):
+            return Context(self.session)
+
+    class Runtime:
+        def __init__(self, logger):
+            pass
+
+        def deserialize_cuda_engine(self, data):
+            return Engine(data[len(b"FAKEPLAN"):]) if data.startswith(b"FAKEPLAN") else None
+
+    m.Builder, m.OnnxParser, m.Runtime = Builder, OnnxParser, Runtime
+    return m
+
+
+@pytest.mark.parametrize("version", ["10.3.0.26", "11.4.1"])
+def test_build_and_run_with_fake_tensorrt(monkeypatch, export_dir, val_x, tmp_path, version):
+    fake = fake_tensorrt(version)
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    monkeypatch.setattr(trt, "gpu_info", lambda device=0: {"name": "Fake GPU", "compute_capability": "8.7", "source": "test"})
+    monkeypatch.setattr(trt, "_make_buffers", FakeBuffers)
+    x = val_x[0]
+    ref = _ort(export_dir / "model.onnx").run(["logits"], {"input": x})[0]
+    for precision in ("fp32", "fp16"):
+        plan = tmp_path / f"model_{precision}.plan"
+        side = trt.build_engine(export_dir / "model.onnx", plan, precision=precision, min_batch=1, opt_batch=8,
+                                max_batch=64, workspace_mb=256, hardware_compatibility="ampere_plus",
+                                timing_cache_path=tmp_path / "cache", log=lambda m: None)
+        fp16_mode = None if precision == "fp32" else ("fp16_onnx" if version.startswith("11") else "builder_flag")
+        assert side["fp16_mode"] == fp16_mode and side["tensorrt_version"] == version
+        assert plan.read_bytes().startswith(b"FAKEPLAN") and trt.load_sidecar(plan.with_suffix(".json")) == side
+        with trt.TrtRunner(plan) as runner:
+            out = runner.infer(x)
+            assert runner.time(x[:8], 3) == [0.5] * 3
+            with pytest.raises(PipelineError, match="outside the engine's profile"):
+                runner.infer(np.zeros((65, 1, 28, 28), np.float32))
+        err = np.abs(out - ref).max()
+        assert err == 0 if fp16_mode != "fp16_onnx" else 0 < err < 1e-2 * np.abs(ref).max()
+    builds = [c for c in fake.calls if c[0] == "build"]
+    assert builds[0] == ("build", [], "ampere+")
+    assert builds[1][1] == ([] if version.startswith("11") else ["fp16"])
+    assert ("network_flags", 0) in fake.calls and ("clear", "tf32") in fake.calls and ("pool", "workspace", 256 << 20) in fake.calls
+    assert ("profile", ("input", [1, 1, 28, 28], [8, 1, 28, 28], [64, 1, 28, 28])) in fake.calls
+    assert (tmp_path / "cache").read_bytes() == b"++"  # loaded by the second build, extended, saved again
+    with pytest.raises(PipelineError, match="SAME_COMPUTE_CAPABILITY"):
+        trt.build_engine(export_dir / "model.onnx", tmp_path / "x.plan", precision="fp32", min_batch=1, opt_batch=1,
+                         max_batch=1, hardware_compatibility="same_compute_capability")
+    (tmp_path / "model_fp32.plan").write_bytes(b"FAKEPLAN tampered")
+    with pytest.raises(PipelineError, match="does not match its sidecar"):
+        trt.TrtRunner(tmp_path / "model_fp32.plan")
+    assert not MEMORY  # every fake device buffer was freed
+
+
+# ----------------------------------------------------------------------------- real TensorRT (GPU machines)
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+@pytest.mark.tensorrt
+@pytest.mark.skipif(not TRT_OK, reason=f"needs TensorRT and a GPU: {TRT_REASON}")
+def test_build_and_run_engine_matches_onnxruntime(export_dir, val_x, tmp_path, precision):
+    from stages.lib.io import sha256_file
+
+    plan = tmp_path / f"model_{precision}.plan"
+    side = trt.build_engine(export_dir / "model.onnx", plan, precision=precision, min_batch=1, opt_batch=8, max_batch=64,
+                            workspace_mb=256, timing_cache_path=tmp_path / "cache")
+    assert side["plan_sha256"] == sha256_file(plan) and (tmp_path / "cache").stat().st_size > 0
+    assert side["tensorrt_version"] == trt.tensorrt_version() and side["profile"]["max"] == [64, 1, 28, 28]
+    x = val_x[0]
+    ref = _ort(export_dir / "model.onnx").run(["logits"], {"input": x})[0]
+    tol = 1e-3 if precision == "fp32" else 5e-2
+    with trt.TrtRunner(plan) as runner:
+        out = runner.infer(x)
+        assert out.shape == ref.shape and np.abs(out - ref).max() <= tol * max(1.0, np.abs(ref).max())
+        assert (out.argmax(1) == ref.argmax(1)).mean() >= 0.95
+        np.testing.assert_allclose(runner.infer(x[:1]), out[:1], atol=tol, rtol=tol)
+        ms = runner.time(x[:8], 20)
+        assert len(ms) == 20 and min(ms) > 0
+        with pytest.raises(PipelineError, match="outside the engine's profile"):
+            runner.infer(np.zeros((65, 1, 28, 28), np.float32))
+
+
+@pytest.mark.tensorrt
+@pytest.mark.skipif(not TRT_OK, reason=f"needs TensorRT and a GPU: {TRT_REASON}")
+def test_engine_stage_on_gpu(upstream, make_ctx, export_dir, tmp_path):
+    import stages.engine
+
+    ctx = make_ctx("engine", inputs={"export": export_dir}, cfg=_cfg(upstream, tmp_path))
+    metrics = stages.engine.run(ctx)
+    assert metrics["parity_ok"] and metrics["fp32_top1_agreement"] >= 0.99 and metrics["fp16_top1_agreement"] >= 0.95
