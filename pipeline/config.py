@@ -155,11 +155,15 @@ class BenchmarkCfg(Section):
     band: float = Field(0.05, gt=0, lt=1, description="verdict: merged/vanilla CI must lie inside 1 +- band")
     bootstrap: int = Field(2000, ge=100)
     multithreaded: bool = Field(True, description="also time onnxruntime with torch's default thread count (informational)")
+    verdict_clock: Literal["cpu", "wall"] = Field(
+        "cpu", description="clock of the verdict: cpu = CPU time of the single inference thread (other processes on a "
+        "shared machine cannot stretch it), wall = wall clock; both are always reported")
 
 
 class BundleCfg(Section):
     tarball: bool = True
     include_engines: bool = True
+    fp16_onnx: bool = Field(True, description="also ship model_fp16.onnx (fp16 weights, fp32 I/O) for TensorRT 11 fp16 builds")
 
 
 class PipelineConfig(Section):

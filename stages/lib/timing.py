@@ -4,11 +4,13 @@ The method (see /work/shared/TENSORRT.md, "Measuring inference cost unchanged"):
 blocks of a few runs, interleave the blocks in a counterbalanced ABBA order so slow drifts of the machine
 hit all models alike, compare medians of block means with a paired bootstrap confidence interval, and run
 an A/A control (two instances of one model) in the same run: its interval is the noise floor.
+Single-threaded work can also be timed by the CPU time of its thread, which other processes on a shared
+machine cannot stretch (wall-clock intervals there are several times wider).
 """
 from __future__ import annotations
 
 import time
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
@@ -65,35 +67,55 @@ def schedule_period(k: int) -> int:
 
 # ----------------------------------------------------------------------------- running
 class Interleaved(NamedTuple):
-    """Per model: the mean of each block (ms, in round order) and every raw sample (ms)."""
+    """Per model: the mean of each block (ms, in round order) and every raw sample (ms), by wall clock;
+    the same by CPU clock when the block functions measured one (empty dicts otherwise)."""
 
     block_means: dict[str, list[float]]
     samples: dict[str, list[float]]
+    cpu_block_means: dict[str, list[float]]
+    cpu_samples: dict[str, list[float]]
 
 
-BlockFn = Callable[[int], Sequence[float]]  # runs n timed inferences, returns n latencies in ms
+# runs n timed inferences; returns n latencies in ms, or {"wall": [...], "cpu": [...]}
+BlockFn = Callable[[int], "Sequence[float] | Mapping[str, Sequence[float]]"]
 
 
-def timed_block(fn: Callable[[], None], timer: Callable[[], float] = time.perf_counter) -> BlockFn:
-    """Wrap a one-inference callable as a block function timed with a wall clock (seconds)."""
+def timed_block(fn: Callable[[], None], timer: Callable[[], float] = time.perf_counter,
+                cpu_timer: Callable[[], float] | None = None) -> BlockFn:
+    """Wrap a one-inference callable as a block function timed with ``timer`` (seconds).
 
-    def block(n: int) -> list[float]:
-        out = []
+    With ``cpu_timer`` (e.g. ``time.thread_time`` for work that runs on the calling thread) each run is
+    also timed in CPU seconds, which other processes on a busy machine cannot stretch.
+    """
+
+    def block(n: int) -> list[float] | dict[str, list[float]]:
+        wall, cpu = [], []
         for _ in range(n):
+            c0 = cpu_timer() if cpu_timer is not None else 0.0
             t0 = timer()
             fn()
-            out.append((timer() - t0) * 1e3)
-        return out
+            wall.append((timer() - t0) * 1e3)
+            if cpu_timer is not None:
+                cpu.append((cpu_timer() - c0) * 1e3)
+        return wall if cpu_timer is None else {"wall": wall, "cpu": cpu}
 
     return block
+
+
+def _split_clocks(name: str, out: Sequence[float] | Mapping[str, Sequence[float]], n: int) -> dict[str, list[float]]:
+    clocks = {k: list(map(float, v)) for k, v in out.items()} if isinstance(out, Mapping) else {"wall": list(map(float, out))}
+    for clock, ms in clocks.items():
+        if len(ms) != n:
+            raise RuntimeError(f"block of {name!r} returned {len(ms)} {clock} samples, expected {n}")
+    return clocks
 
 
 def run_interleaved_blocks(block_fns: dict[str, BlockFn], *, warmup: int, blocks: int, block_runs: int,
                            on_round: Callable[[int], None] | None = None) -> Interleaved:
     """Warm every model up, then run ``blocks`` ABBA rounds of ``block_runs`` runs per model.
 
-    Block functions time themselves (wall clock, CUDA events, a TensorRT runner ...), so devices whose
-    clocks differ share one schedule.
+    Block functions time themselves (wall clock, CPU clock, CUDA events, a TensorRT runner ...), so
+    devices whose clocks differ share one schedule.
     """
     if block_runs < 1:
         raise ValueError(f"block_runs must be >= 1 (got {block_runs})")
@@ -101,24 +123,24 @@ def run_interleaved_blocks(block_fns: dict[str, BlockFn], *, warmup: int, blocks
     if warmup > 0:
         for name in names:
             block_fns[name](warmup)
-    means: dict[str, list[float]] = {n: [] for n in names}
-    samples: dict[str, list[float]] = {n: [] for n in names}
+    means: dict[str, dict[str, list[float]]] = {"wall": {n: [] for n in names}, "cpu": {n: [] for n in names}}
+    samples: dict[str, dict[str, list[float]]] = {"wall": {n: [] for n in names}, "cpu": {n: [] for n in names}}
     for i, round_ in enumerate(abba_schedule(names, blocks)):
         for name in round_:
-            ms = [float(v) for v in block_fns[name](block_runs)]
-            if len(ms) != block_runs:
-                raise RuntimeError(f"block of {name!r} returned {len(ms)} samples, expected {block_runs}")
-            means[name].append(float(np.mean(ms)))
-            samples[name].extend(ms)
+            for clock, ms in _split_clocks(name, block_fns[name](block_runs), block_runs).items():
+                means.setdefault(clock, {}).setdefault(name, []).append(float(np.mean(ms)))
+                samples.setdefault(clock, {}).setdefault(name, []).extend(ms)
         if on_round is not None:
             on_round(i)
-    return Interleaved(means, samples)
+    cpu_ok = all(means["cpu"][n] for n in names)
+    return Interleaved(means["wall"], samples["wall"], means["cpu"] if cpu_ok else {}, samples["cpu"] if cpu_ok else {})
 
 
 def run_interleaved(callables: dict[str, Callable[[], None]], *, warmup: int, blocks: int, block_runs: int,
-                    timer: Callable[[], float] = time.perf_counter) -> Interleaved:
+                    timer: Callable[[], float] = time.perf_counter,
+                    cpu_timer: Callable[[], float] | None = None) -> Interleaved:
     """Time one-inference callables with ``timer`` (seconds) in interleaved ABBA blocks."""
-    return run_interleaved_blocks({n: timed_block(f, timer) for n, f in callables.items()},
+    return run_interleaved_blocks({n: timed_block(f, timer, cpu_timer) for n, f in callables.items()},
                                   warmup=warmup, blocks=blocks, block_runs=block_runs)
 
 
@@ -164,3 +186,30 @@ def verdict(lo: float, hi: float, band: float) -> bool:
     if not 0 < band < 1:
         raise ValueError(f"band must be in (0, 1) (got {band})")
     return (1 - band) <= lo <= hi <= (1 + band)
+
+
+def compare(block_means: dict[str, list[float]], pairs: Sequence[tuple[str, str, str]], *, n_boot: int,
+            seed: int) -> dict[str, dict]:
+    """For each ``(label, candidate, reference)`` whose models were timed: ratio of medians and its CI."""
+    out = {}
+    for label, cand, ref in pairs:
+        if cand in block_means and ref in block_means:
+            r, lo, hi = ratio_ci(block_means[ref], block_means[cand], n_boot=n_boot, seed=seed)
+            out[label] = {"ratio": r, "lo": lo, "hi": hi, "candidate": cand, "reference": ref}
+    return out
+
+
+def measure(block_fns: dict[str, BlockFn], *, batch_size: int, pairs: Sequence[tuple[str, str, str]], warmup: int,
+            blocks: int, block_runs: int, n_boot: int, seed: int) -> dict:
+    """Interleaved timing plus statistics, JSON-ready: per model a wall-clock summary (+ ``cpu`` one when
+    measured) with its block means, and ``comparisons`` (+ ``cpu_comparisons``) from :func:`compare`."""
+    res = run_interleaved_blocks(block_fns, warmup=warmup, blocks=blocks, block_runs=block_runs)
+    cell: dict = {"batch": batch_size, "models": {}}
+    for n, samples in res.samples.items():
+        cell["models"][n] = {**summarize(samples, batch_size), "block_means_ms": res.block_means[n]}
+        if res.cpu_samples:
+            cell["models"][n]["cpu"] = {**summarize(res.cpu_samples[n], batch_size), "block_means_ms": res.cpu_block_means[n]}
+    cell["comparisons"] = compare(res.block_means, pairs, n_boot=n_boot, seed=seed)
+    if res.cpu_block_means:
+        cell["cpu_comparisons"] = compare(res.cpu_block_means, pairs, n_boot=n_boot, seed=seed)
+    return cell

@@ -1,0 +1,170 @@
+"""The benchmark stage end to end on the tiny upstream models (ONNX exported here), tiny timing settings."""
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+
+def export_onnx(model: torch.nn.Module, path: Path, shape: tuple[int, ...]) -> None:
+    """Dynamic-batch ONNX with the export stage's names ("input" -> "logits"); the fast TorchScript exporter."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model.eval(), (torch.zeros((2, *shape)),), str(path), input_names=["input"],
+                          output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                          opset_version=18, dynamo=False)
+
+
+@pytest.fixture(scope="module")
+def export_dir(upstream, tmp_path_factory) -> Path:
+    """A folder shaped like the export stage's: model/vanilla/unmerged/teacher .onnx."""
+    from models.norm import LogitsOnly
+    from models.registry import create_model
+    from stages.lib.checkpoints import load_model, load_norm_student
+
+    out = tmp_path_factory.mktemp("export")
+    merged, meta = load_model(upstream["merge"] / "model.pt")
+    vanilla = create_model(meta["model"], num_classes=meta["num_classes"], in_chans=meta["in_chans"])
+    vanilla.load_state_dict(merged.state_dict())
+    ns, _ = load_norm_student(upstream["distill"] / "norm_student.pt")
+    teacher, _ = load_model(upstream["teacher"] / "model.pt")
+    shape = (1, 28, 28)
+    for name, m in (("model", merged), ("vanilla", vanilla), ("unmerged", LogitsOnly(ns)), ("teacher", teacher)):
+        export_onnx(m, out / f"{name}.onnx", shape)
+    return out
+
+
+def tiny_cfg(upstream, **bench):
+    settings = {"blocks": 2, "block_runs": 1, "warmup": 1, "batch_sizes": [1, 2], "bootstrap": 100, **bench}
+    return upstream["cfg"].model_copy(update={"benchmark": upstream["cfg"].benchmark.model_copy(update=settings)})
+
+
+@pytest.fixture(scope="module")
+def bench_run(upstream, export_dir, tmp_path_factory):
+    """One full stage run, shared by the checks below (the stage is the slow part)."""
+    from stages import benchmark
+    from stages.lib.context import StageContext
+
+    out = tmp_path_factory.mktemp("benchmark")
+    ins = {k: upstream[k] for k in ("data", "teacher", "distill", "merge")} | {"export": export_dir}
+    ctx = StageContext(name="benchmark", out_dir=out, run_dir=out.parent, cfg=tiny_cfg(upstream), inputs=ins,
+                       input_records={k: upstream["records"][k] for k in ins if k in upstream["records"]},
+                       log=lambda m: None)
+    metrics = benchmark.run(ctx)
+    return out, metrics, json.loads((out / "benchmark.json").read_text())
+
+
+def test_writes_every_model_on_every_backend_and_batch(bench_run):
+    out, metrics, report = bench_run
+    models = {"vanilla", "vanilla_b", "merged", "unmerged", "teacher"}
+    timed = [c for c in report["cells"] if "models" in c]
+    assert {(c["backend"], c["batch"]) for c in timed} >= {(b, n) for b in ("torch_cpu", "onnxruntime_cpu") for n in (1, 2)}
+    for c in timed:
+        assert set(c["models"]) == models
+        for s in c["models"].values():
+            assert s["n"] == 2 and len(s["block_means_ms"]) == 2
+            assert 0 < s["min_ms"] <= s["median_ms"] <= s["p90_ms"] <= s["max_ms"]
+        assert {"merged_vs_vanilla", "aa", "unmerged_vs_vanilla", "teacher_vs_vanilla"} <= set(c["comparisons"])
+        single_threaded = c["backend"] in ("torch_cpu", "onnxruntime_cpu")  # thread CPU time only where it is the cost
+        assert ("cpu_comparisons" in c) is single_threaded and ("cpu" in c["models"]["merged"]) is single_threaded
+    assert json.loads(json.dumps(metrics)) == metrics  # JSON-serialisable
+
+
+def test_verdict_keys_and_backend(bench_run):
+    _, metrics, report = bench_run
+    for key in ("merged_vs_vanilla_ratio", "merged_vs_vanilla_lo", "merged_vs_vanilla_hi", "aa_ratio", "aa_lo",
+                "aa_hi", "unmerged_vs_vanilla_ratio", "teacher_vs_vanilla_ratio"):
+        assert isinstance(metrics[key], float) and metrics[key] > 0, key
+    assert metrics["merged_vs_vanilla_lo"] <= metrics["merged_vs_vanilla_hi"]
+    assert metrics["verdict"] in ("yes", "no")
+    assert metrics["verdict_backend"] == "onnxruntime_cpu" and metrics["verdict_batch"] == 2
+    assert metrics["verdict_clock"] == "cpu" and metrics["wall_aa_lo"] <= metrics["wall_aa_hi"]
+    assert report["verdict"]["verdict"] == metrics["verdict"]
+    assert metrics["onnxruntime_cpu_b1_merged_median_ms"] > 0
+
+
+def test_structure_shows_identical_cost(bench_run):
+    _, metrics, report = bench_run
+    s = report["structure"]
+    assert s["identical"] == {"params": True, "flops": True, "onnx_ops": True}
+    assert s["params"]["unmerged"] > s["params"]["merged"] and s["flops"]["unmerged"] > s["flops"]["merged"]
+    assert s["onnx_ops"]["merged"].get("Conv", 0) > 0
+    assert metrics["structure_identical"] is True
+
+
+def test_tensorrt_skipped_with_reason_and_artifacts(bench_run):
+    out, _, report = bench_run
+    assert "tensorrt" in report["skipped_backends"] and "engine" in report["skipped_backends"]["tensorrt"]
+    assert (out / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = (out / "latency.md").read_text()
+    assert "inference cost unchanged" in table and "| onnxruntime_cpu | 2 | merged |" in table
+
+
+def test_missing_onnx_file_is_a_clear_error(upstream, make_ctx, tmp_path):
+    from stages import benchmark
+    from stages.lib.errors import PipelineError
+
+    empty = tmp_path / "export_empty"
+    empty.mkdir()
+    with pytest.raises(PipelineError, match="vanilla.onnx"):
+        benchmark.run(make_ctx("benchmark", inputs={"export": empty}, cfg=tiny_cfg(upstream)))
+
+
+def _comps(ratio: float, lo: float, hi: float) -> dict:
+    return {"merged_vs_vanilla": {"ratio": ratio, "lo": lo, "hi": hi}, "aa": {"ratio": 1.0, "lo": 0.99, "hi": 1.01}}
+
+
+def _cell(backend: str, batch: int, ratio: float, lo: float, hi: float, cpu: tuple | None = None) -> dict:
+    cell = {"backend": backend, "batch": batch, "models": {"merged": {"median_ms": ratio}}, "comparisons": _comps(ratio, lo, hi)}
+    if cpu is not None:
+        cell["cpu_comparisons"] = _comps(*cpu)
+    return cell
+
+
+def test_verdict_cell_prefers_single_threaded_ort_at_largest_batch():
+    from stages.benchmark import flat_metrics, pick_verdict_cell
+
+    cells = [_cell("torch_cpu", 64, 1.5, 1.4, 1.6), _cell("onnxruntime_cpu", 1, 1.0, 0.99, 1.01),
+             _cell("onnxruntime_cpu", 32, 1.2, 1.1, 1.3), {"backend": "tensorrt", "batch": 64, "skipped": "x"}]
+    v = pick_verdict_cell(cells)
+    assert (v["backend"], v["batch"]) == ("onnxruntime_cpu", 32)
+    m = flat_metrics(cells, v, 0.05, "cpu")  # no CPU clock in this cell: falls back to wall
+    assert m["verdict"] == "no" and m["merged_vs_vanilla_ratio"] == 1.2 and m["aa_within_band"] is True
+    assert m["verdict_clock"] == "wall"
+    assert m["torch_cpu_b64_merged_median_ms"] == 1.5
+    fallback = pick_verdict_cell([_cell("torch_cpu", 1, 1.0, 0.98, 1.02), _cell("torch_cpu", 8, 1.0, 0.97, 1.03),
+                                  _cell("onnxruntime_cpu_mt", 8, 1.0, 0.5, 1.5)])
+    assert (fallback["backend"], fallback["batch"]) == ("torch_cpu", 8)
+    assert flat_metrics([fallback], fallback, 0.05, "wall")["verdict"] == "yes"
+    assert pick_verdict_cell([]) is None and flat_metrics([], None, 0.05, "cpu")["verdict"] == "n/a"
+
+
+def test_verdict_clock_chooses_cpu_or_wall_comparisons():
+    from stages.benchmark import flat_metrics
+
+    noisy_wall = _cell("onnxruntime_cpu", 32, 1.03, 0.85, 1.2, cpu=(1.001, 0.995, 1.008))
+    cpu = flat_metrics([noisy_wall], noisy_wall, 0.05, "cpu")
+    assert cpu["verdict"] == "yes" and cpu["verdict_clock"] == "cpu" and cpu["merged_vs_vanilla_hi"] == 1.008
+    assert cpu["wall_merged_vs_vanilla_hi"] == 1.2
+    wall = flat_metrics([noisy_wall], noisy_wall, 0.05, "wall")
+    assert wall["verdict"] == "no" and wall["verdict_clock"] == "wall" and "wall_merged_vs_vanilla_hi" not in wall
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU with CUDA")
+def test_torch_cuda_backend_times_with_events():
+    import numpy as np
+
+    from models.registry import create_model
+    from stages.benchmark import measure_cell, torch_backend
+
+    m = create_model("resnet8", num_classes=10, in_chans=1).eval()
+    twin = create_model("resnet8", num_classes=10, in_chans=1).eval()
+    twin.load_state_dict(m.state_dict())
+    be = torch_backend({"vanilla": m, "vanilla_b": twin, "merged": m}, "cuda", 1)
+    cell = measure_cell(be, np.zeros((4, 1, 28, 28), np.float32), warmup=2, blocks=4, block_runs=3, n_boot=200, seed=0)
+    assert be.name == "torch_cuda" and cell["models"]["merged"]["n"] == 12
+    assert cell["comparisons"]["aa"]["lo"] <= cell["comparisons"]["aa"]["hi"]
