@@ -33,39 +33,40 @@ class StageResult:
     reason: str = ""
 
 
-def _source_hash(module: str) -> str:
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.origin:
-        return "unknown"
-    return hashlib.sha256(Path(spec.origin).read_bytes()).hexdigest()[:16]
+_CODE_CACHE: dict[str, str] = {}
+
+
+def _code_hash(module: str) -> str:
+    """The stage's own module plus everything it can reach in this project (models/, stages/lib, bundle files).
+
+    Any change to that code invalidates the stage's cache: a cached artifact is always what today's code makes.
+    """
+    if module not in _CODE_CACHE:
+        root = Path(__file__).resolve().parent.parent
+        spec = importlib.util.find_spec(module)
+        files = [Path(spec.origin)] if spec and spec.origin else []
+        for folder in (root / "models", root / "stages" / "lib", root / "stages" / "bundle_files"):
+            files += sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in (".py", ".tmpl"))
+        h = hashlib.sha256()
+        for f in files:
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
+        _CODE_CACHE[module] = h.hexdigest()[:16]
+    return _CODE_CACHE[module]
 
 
 def environment() -> dict:
-    """What a GPU stage's output depends on beyond its inputs: TensorRT, CUDA, the GPU."""
-    env = {"tensorrt": None, "cuda": False, "gpu": None, "compute_capability": None}
-    if importlib.util.find_spec("tensorrt") is not None:
-        try:
-            import tensorrt
+    """What a GPU stage's output depends on beyond its inputs: TensorRT, CUDA, the GPU (no torch import)."""
+    from stages.engine import environment_fingerprint
 
-            env["tensorrt"] = tensorrt.__version__
-        except Exception:  # noqa: BLE001 - a broken install counts as absent
-            pass
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            env.update(cuda=True, gpu=torch.cuda.get_device_name(0),
-                       compute_capability=".".join(map(str, torch.cuda.get_device_capability(0))))
-    except Exception:  # noqa: BLE001
-        pass
-    return env
+    return environment_fingerprint()
 
 
 def fingerprint(spec: StageSpec, cfg: PipelineConfig, upstream: dict[str, Optional[dict]], env: Optional[dict]) -> str:
     payload = {
         "stage": spec.name,
         "version": __version__,
-        "code": _source_hash(spec.module),
+        "code": _code_hash(spec.module),
         "config": {path: cfg.section(path) for path in spec.config},
         "inputs": {n: (r or {}).get("outputs") if (r or {}).get("status") == "done" else None
                    for n, r in sorted(upstream.items())},
