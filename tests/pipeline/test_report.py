@@ -1,0 +1,177 @@
+"""report.html / summary.json / `norm-pipeline report` on a real (tiny) end-to-end run.
+
+The run is made once per module by ``run_pipeline`` itself, so the report under test is the one a user gets;
+every assertion compares the page with figures read back from the stage records and artifacts.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pipeline import graph
+from pipeline.config import load_config
+from stages.lib.io import sha256_file
+
+TINY = ["data.train_limit=128", "data.val_limit=64", "verify.fp64_samples=32", "teacher.model=resnet8", "student.model=resnet8", "distill.n=2", "data.eval_batch_size=64",
+        *[f"{s}.{k}" for s in ("teacher", "baseline", "distill") for k in ("epochs=1", "batch_size=64", "lr=0.05")],
+        "export.parity_samples=32", "benchmark.blocks=2", "benchmark.block_runs=1", "benchmark.warmup=1",
+        "benchmark.batch_sizes=[1]", "benchmark.bootstrap=100", "benchmark.multithreaded=false",
+        "benchmark.backends=[torch,onnxruntime]", "bundle.fp16_onnx=false"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tiny_data_root) -> Path:
+    from pipeline.session import run_pipeline
+
+    path = tmp_path_factory.mktemp("report-run")
+    cfg = load_config(None, [f"data.root={tiny_data_root}", *TINY])
+    results = run_pipeline(cfg, path)
+    assert [r.name for r in results] == graph.ORDER
+    return path
+
+
+def _records(run_dir: Path) -> dict[str, dict]:
+    return {n: json.loads((run_dir / n / "record.json").read_text()) for n in graph.ORDER}
+
+
+def _pct(x: float) -> str:
+    return f"{x * 100:.2f}%"
+
+
+def test_run_writes_a_report_with_the_records_figures(run_dir):
+    page = html.unescape((run_dir / "report.html").read_text())
+    rec = _records(run_dir)
+    m = {n: r["metrics"] for n, r in rec.items()}
+    expected = {
+        "teacher top-1": _pct(m["teacher"]["top1"]), "baseline CE top-1": _pct(m["baseline"]["ce_top1"]),
+        "NORM top-1": _pct(m["distill"]["top1"]), "merged top-1": _pct(m["verify"]["merged_top1"]),
+        "NORM delta": f"{(m['distill']['top1'] - m['baseline']['ce_top1']) * 100:+.2f} pts",
+        "fp32 max rel diff": f"{m['verify']['fp32_max_rel_diff']:.2e}",
+        "fp64 max rel diff": f"{m['verify']['fp64_max_rel_diff']:.2e}",
+        "ORT max abs diff": f"{m['export']['ort_max_abs_diff']:.2e}",
+        "merged/vanilla CI": f"{m['benchmark']['merged_vs_vanilla_ratio']:.3f} [{m['benchmark']['merged_vs_vanilla_lo']:.3f}, "
+                             f"{m['benchmark']['merged_vs_vanilla_hi']:.3f}]",
+        "A/A CI": f"{m['benchmark']['aa_ratio']:.3f} [{m['benchmark']['aa_lo']:.3f}, {m['benchmark']['aa_hi']:.3f}]",
+        "bundle tar sha256": m["bundle"]["tar_sha256"],
+        "engine skip reason": rec["engine"]["reason"],
+    }
+    missing = {k: v for k, v in expected.items() if v not in page}
+    assert not missing, f"figures from the records absent from report.html: {missing}"
+    manifest = json.loads((run_dir / "bundle" / "bundle" / "manifest.json").read_text())
+    for name, f in manifest["files"].items():
+        assert f["sha256"] in page and name in page
+    for name, r in rec.items():
+        assert r["fingerprint"][:12] in page, name
+    for section in ("Configuration", "Training curves", "Accuracy", "Merge verification", "ONNX and TensorRT",
+                    "Inference latency", "Edge bundle", "Stages"):
+        assert f">{section}" in page
+
+
+def test_report_is_self_contained(run_dir):
+    page = (run_dir / "report.html").read_text()
+    sources = re.findall(r'\bsrc="([^"]*)"', page)
+    assert len(sources) >= 3  # training curves, latency ratios, the benchmark stage's latency.png
+    for src in sources:
+        assert src.startswith("data:image/png;base64,")
+        assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not re.search(r"""(?:src|href)\s*=\s*["']?(?:https?:|//)""", page)
+    assert "@import" not in page and not re.search(r"url\(\s*['\"]?(?:https?:|//)", page)
+    assert "<link" not in page and "<script" not in page
+
+
+def test_summary_json_matches_the_records(run_dir):
+    s = json.loads((run_dir / "summary.json").read_text())
+    rec = _records(run_dir)
+    m = {n: r["metrics"] for n, r in rec.items()}
+    assert s["accuracy"] == {"teacher_top1": m["teacher"]["top1"], "baseline_ce_top1": m["baseline"]["ce_top1"],
+                             "baseline_kd_top1": None, "norm_top1": m["distill"]["top1"],
+                             "norm_best_top1": m["distill"]["best_top1"], "merged_top1": m["verify"]["merged_top1"]}
+    assert s["verdicts"]["norm_vs_baseline_ce_pts"] == pytest.approx((m["distill"]["top1"] - m["baseline"]["ce_top1"]) * 100)
+    assert s["verdicts"]["merge_exact"] is True and s["verify"]["passed"] is True
+    for k in ("fp32_max_rel_diff", "fp64_max_rel_diff", "top1_agreement", "params_equal", "flops_equal"):
+        assert s["verify"][k] == m["verify"][k]
+    for k in ("ort_max_abs_diff", "graph_identical", "ort_parity_ok"):
+        assert s["export"][k] == m["export"][k]
+    for k in ("merged_vs_vanilla_ratio", "merged_vs_vanilla_lo", "merged_vs_vanilla_hi", "aa_ratio", "verdict", "band"):
+        assert s["latency"][k] == m["benchmark"][k]
+    assert s["verdicts"]["cost_unchanged"] is {"yes": True, "no": False}[m["benchmark"]["verdict"]]
+    tar = run_dir / "bundle" / "bundle.tar.gz"
+    assert s["bundle"]["tar"] == str(tar) and s["bundle"]["tar_sha256"] == m["bundle"]["tar_sha256"] == sha256_file(tar)
+    assert s["engine"] == {"status": "skipped", "reason": rec["engine"]["reason"]}
+    assert {n: st["status"] for n, st in s["stages"].items()} == {n: r["status"] for n, r in rec.items()}
+    assert s["stages"]["verify"]["fingerprint"] == rec["verify"]["fingerprint"]
+
+
+def test_partial_run_renders_with_not_run_notes(run_dir, tmp_path):
+    from pipeline.report import write_report
+
+    for stage in ("data", "teacher"):
+        shutil.copytree(run_dir / stage, tmp_path / stage)
+    shutil.copy(run_dir / "config.yaml", tmp_path / "config.yaml")
+    page = write_report(tmp_path).read_text()
+    teacher_top1 = json.loads((tmp_path / "teacher" / "record.json").read_text())["metrics"]["top1"]
+    assert _pct(teacher_top1) in page and "data:image/png;base64," in page  # the teacher's curves
+    for stage in ("baseline", "verify", "export", "engine", "benchmark", "bundle"):
+        assert f"norm-pipeline stage {stage}" in page
+    assert page.count("not run yet") >= 6
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["accuracy"]["teacher_top1"] == teacher_top1
+    assert s["verdicts"] == {"norm_vs_baseline_ce_pts": None, "norm_helped": None, "merge_exact": None,
+                             "cost_unchanged": None}
+    assert s["stages"]["bundle"] == {"status": "not run"} and s["engine"] == {"status": "not run"}
+
+
+def test_cli_report_command(run_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    (run_dir / "report.html").unlink()
+    res = CliRunner().invoke(main, ["report", "--run-dir", str(run_dir)])
+    assert res.exit_code == 0, res.output
+    assert f"report: {run_dir / 'report.html'}" in res.output and "merge exact" in res.output
+    assert (run_dir / "report.html").is_file()
+    res = CliRunner().invoke(main, ["report", "--run-dir", str(tmp_path / "nowhere")])
+    assert res.exit_code == 2 and "does not exist" in res.output
+
+
+def test_engine_section_from_an_engine_stage_report(run_dir, tmp_path):
+    """Where a GPU ran the engine stage: engine.json made by the stage's own writer, rendered with its figures."""
+    import numpy as np
+
+    from pipeline.report import write_report
+    from stages import engine
+    from stages.lib.context import StageContext
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("engine"))
+    (run / "engine").mkdir()
+    rng = np.random.default_rng(0)
+    ref, y = rng.standard_normal((64, 10)).astype(np.float32), rng.integers(0, 10, 64)
+    result = {"samples": 64, "ort_top1": float((ref.argmax(1) == y).mean()), "engines": {}}
+    sidecars = {}
+    for prec, noise in (("fp32", 1e-6), ("fp16", 1e-3)):
+        tally = engine._Tally(1e-3, 1e-3) if prec == "fp32" else engine._Tally(5e-2, 5e-2)
+        tally.add(ref + noise * rng.standard_normal(ref.shape).astype(np.float32), ref, y)
+        result["engines"][prec] = {**tally.report(), "latency": {"batch": 32, "median_ms": 0.0421 + (prec == "fp16")}}
+        sidecars[prec] = {"plan": f"model_{prec}.plan", "plan_sha256": "ab" * 32, "plan_bytes": 123456, "build_seconds": 9.5,
+                          "fp16_mode": prec, "hardware_compatibility": "none", "profile": {}, "tensorrt_version": "10.9.0",
+                          "gpu_name": "NVIDIA H200", "compute_capability": "9.0", "onnx_sha256": "cd" * 32}
+    ctx = StageContext(name="engine", out_dir=run / "engine", run_dir=run, cfg=load_config(None, []), log=lambda m: None)
+    metrics = engine._report(ctx, sidecars, result, run / "export" / "model.onnx")
+    (run / "engine" / "record.json").write_text(json.dumps({"stage": "engine", "status": "done", "metrics": metrics,
+                                                            "fingerprint": "ef" * 32, "duration_s": 20.0}))
+    page = html.unescape(write_report(run).read_text())
+    eng = json.loads((run / "engine" / "engine.json").read_text())["engines"]
+    for prec in ("fp32", "fp16"):
+        assert _pct(eng[prec]["top1"]) in page and f"{eng[prec]['parity']['max_abs_diff']:.2e}" in page
+    assert "NVIDIA H200" in page and "10.9.0" in page and "1.042 ms, batch 32" in page
+    s = json.loads((run / "summary.json").read_text())
+    assert s["engine"]["status"] == "done" and s["engine"]["fp16_top1"] == metrics["fp16_top1"]
+    assert s["engine"]["parity_ok"] is True
