@@ -1,6 +1,7 @@
 """What the CLI commands do: run the graph or one stage, print status and the results table."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -33,12 +34,13 @@ def _describe(r: StageResult) -> str:
 def run_pipeline(cfg: PipelineConfig, run_dir: Path, *, from_stage: Optional[str] = None, to_stage: Optional[str] = None,
                  force: bool = False, nproc: int = 1, config_path: Optional[str] = None,
                  overrides: tuple[str, ...] = ()) -> list[StageResult]:
+    stages = select(from_stage, to_stage)  # a bad --from/--to fails before the run directory is touched
     runner = Runner(cfg, run_dir, log=_log)
     runner.rd.lock()
     try:
         runner.save_config()
         results = []
-        for name in select(from_stage, to_stage):
+        for name in stages:
             spec = graph.get(name)
             console.rule(f"[bold]{name}[/] — {spec.help}")
             if nproc > 1 and spec.distributed:
@@ -77,26 +79,53 @@ def _run_torchrun(runner: Runner, name: str, nproc: int, force: bool, config_pat
 
 
 def run_single(cfg: PipelineConfig, run_dir: Path, name: str, *, force: bool = False, take_lock: bool = True) -> StageResult:
+    """Run one stage; under torchrun rank 0 owns the run directory and the other ranks follow it."""
     from stages.lib import dist
 
-    runner = Runner(cfg, run_dir, log=_log if dist.rank() == 0 else (lambda m: None))
-    graph.get(name)
-    is_main = os.environ.get("RANK", "0") == "0"
-    if take_lock and is_main:
-        runner.rd.lock()
+    spec = graph.get(name)
+    if dist.launched_by_torchrun():
+        from stages.lib.training import resolve_device
+
+        dist.init(resolve_device(cfg.run.device))
+        if dist.rank() != 0:
+            try:
+                return _follow(cfg, run_dir, spec)
+            finally:
+                dist.shutdown()
+        dist.hold_followers()
+    runner = Runner(cfg, run_dir, log=_log)
+    result: Optional[StageResult] = None
     try:
-        if is_main:
-            runner.rd.ensure()
-            runner.save_config()
+        if take_lock:
+            runner.rd.lock()
+        runner.rd.ensure()
+        runner.save_config()
         result = runner.run_stage(name, force=force, standalone=True)
-        if is_main:
+        if take_lock:  # under `run --nproc`, the parent reports
             _log(f"{name}: {_describe(result)}")
             if result.metrics:
                 print_results(runner, [result])
         return result
     finally:
+        # followers still waiting (cached stage, or an error before training began) go home without running
+        dist.release_followers({"run": False, "status": result.status if result else "failed"})
         runner.rd.unlock()
         dist.shutdown()
+
+
+def _follow(cfg: PipelineConfig, run_dir: Path, spec: graph.StageSpec) -> StageResult:
+    """A rank > 0: wait for rank 0 to prepare the stage folder, then run the same stage with its context."""
+    from stages.lib import dist
+    from stages.lib.context import StageContext
+
+    order = dist.hold_followers() or {"run": False, "status": "failed"}
+    if not order.get("run"):
+        return StageResult(spec.name, order.get("status", "cached"))
+    ctx = StageContext(name=spec.name, out_dir=Path(order["out_dir"]), run_dir=Path(run_dir), cfg=cfg,
+                       inputs={k: Path(v) for k, v in order["inputs"].items()}, input_records=order["input_records"],
+                       force=order["force"], log=lambda m: None, rank=dist.rank(), world_size=dist.world_size())
+    metrics = spec.load()(ctx) or {}
+    return StageResult(spec.name, "done", metrics=metrics)
 
 
 def _fmt(v) -> str:
@@ -133,11 +162,12 @@ def accuracy_summary(runner: Runner) -> dict[str, float]:
 
 
 def _write_report(runner: Runner) -> None:
-    try:
-        from pipeline import report
-    except ImportError:
-        return
+    """report.html + summary.json into the run directory, and the verdicts as a small table here."""
+    from pipeline import report
+
     path = report.write_report(runner.rd.path)
+    summary = json.loads((runner.rd.path / report.SUMMARY).read_text())
+    console.print(report.terminal_summary(summary))
     _log(f"report: {path}")
 
 

@@ -1,8 +1,9 @@
 """Model artifacts: tensors and plain data only (loadable with ``torch.load(weights_only=True)``)."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.nn as nn
@@ -91,15 +92,54 @@ def extract_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     return obj
 
 
+# RepDistiller / NORM (authors' CIFAR code) key names -> ours; each rule is optional for a key, and a key maps
+# when exactly one combination of rules names a tensor of the model (see ``map_authors_keys``).
+_AUTHORS_RULES: tuple[tuple[str, str], ...] = (
+    (r"^(fc|classifier|linear)\.", "head.fc."),  # classifier: resnet/wrn/ResNet50, vgg, shufflenet
+    (r"^(block\d)\.layer\.", r"\1."),  # wrn: NetworkBlock.layer
+    (r"\.convShortcut\.", ".shortcut."),  # wrn: projection shortcut
+    (r"^bn1\.", "bn."),  # wrn: the final BatchNorm
+    (r"\.shortcut\.(\d)", r".downsample.\1"),  # ResNet50 (CIFAR): Sequential shortcut
+)
+
+
+def map_authors_keys(state: dict[str, torch.Tensor], model: nn.Module) -> Optional[dict[str, torch.Tensor]]:
+    """Rename an authors'-layout CIFAR state_dict onto ``model``; None when some key has no unique match."""
+    own = model.state_dict().keys()
+    vgg_blocks = [i for i, m in enumerate(getattr(model, "features", [])) if isinstance(m, nn.Sequential)]
+    mapped: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        cands = {key}
+        for pattern, repl in _AUTHORS_RULES:
+            cands |= {re.sub(pattern, repl, c) for c in cands}
+        for c in list(cands):  # vgg: blockN -> features.<index of the N-th conv block, between the pools>
+            m = re.match(r"^block(\d+)\.(\d+\..*)$", c)
+            if m and int(m.group(1)) < len(vgg_blocks):
+                cands.add(f"features.{vgg_blocks[int(m.group(1))]}.{m.group(2)}")
+        hits = cands & own
+        if len(hits) != 1:
+            return None
+        mapped[hits.pop()] = value
+    return mapped if len(mapped) == len(state) else None
+
+
 def import_teacher(path: Path, model: nn.Module, model_name: str) -> nn.Module:
-    """Load weights trained elsewhere into ``model``; a clear error when the keys or shapes do not fit."""
+    """Load weights trained elsewhere into ``model``; a clear error when the keys or shapes do not fit.
+
+    Accepted: a plain state_dict, ``{"model": sd}`` (the authors' CIFAR checkpoints, their key names mapped
+    onto ours), ``{"state_dict": sd}``, our own model files, a DDP "module." prefix, and torchvision
+    state_dicts for the ``tv_*`` models.
+    """
     path = Path(path)
     state = extract_state_dict(safe_torch_load(path, "teacher checkpoint"), path)
+    own = set(model.state_dict())
     loader = getattr(model, "load_torchvision_state_dict", None)
     try:
-        if loader is not None and not set(state) <= set(model.state_dict()):
+        if loader is not None and not set(state) <= own:
             loader(state)
         else:
+            if not set(state) <= own:
+                state = map_authors_keys(state, model) or state
             model.load_state_dict(state, strict=True)
     except (RuntimeError, ValueError) as e:
         msg = _summarise_load_error(e) if isinstance(e, RuntimeError) else str(e)[:300]

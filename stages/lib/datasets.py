@@ -38,12 +38,13 @@ def read_idx(path: Path) -> np.ndarray:
     ndim = raw[3]
     header = 4 + 4 * ndim
     if len(raw) < header:
-        raise PipelineError(f"corrupt IDX file {path}: truncated header")
+        raise PipelineError(f"corrupt IDX file {path}: truncated header; reinstall the dataset")
     dims = struct.unpack(f">{ndim}I", raw[4:header])
     dtype = np.dtype(_IDX_DTYPES[raw[2]])
     expected = int(np.prod(dims)) * dtype.itemsize
     if len(raw) - header != expected:
-        raise PipelineError(f"corrupt IDX file {path}: {len(raw) - header} data bytes, expected {expected} for shape {dims}")
+        raise PipelineError(f"corrupt IDX file {path}: {len(raw) - header} data bytes, expected {expected} for shape {dims} "
+                            "(truncated?); reinstall the dataset")
     return np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims)
 
 
@@ -137,7 +138,8 @@ def check_image_folder(root: Path) -> list[str]:
     if classes["train"] != classes["val"]:
         only_t = sorted(set(classes["train"]) - set(classes["val"]))
         only_v = sorted(set(classes["val"]) - set(classes["train"]))
-        raise PipelineError(f"train/val class folders differ in {root}: only in train {only_t}, only in val {only_v}")
+        raise PipelineError(f"train/val class folders differ in {root}: only in train {only_t}, only in val {only_v}; "
+                            "give train/ and val/ the same class folders")
     return classes["train"]
 
 
@@ -182,6 +184,7 @@ class TensorSplit:
     device: str = "cpu"
     epoch: int = 0
     drop_last: bool = False
+    even_shards: bool = True  # training: pad so every rank takes the same number of steps; eval: no duplicates
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -193,9 +196,10 @@ class TensorSplit:
             idx = torch.randperm(n, generator=g)
         else:
             idx = torch.arange(n)
-        if self.world_size > 1:  # same sharding rule as DistributedSampler: pad, then stride by rank
-            per = -(-n // self.world_size)
-            idx = torch.cat([idx, idx[: per * self.world_size - n]])[self.rank :: self.world_size]
+        if self.world_size > 1:
+            if self.even_shards:  # DistributedSampler's rule: pad to a multiple of world_size, then stride
+                idx = torch.cat([idx, idx[: -n % self.world_size]])
+            idx = idx[self.rank :: self.world_size]
         return idx
 
     def __len__(self) -> int:
@@ -227,9 +231,12 @@ class LoaderSplit:
                  rank: int = 0, world_size: int = 1, seed: int = 0):
         from torch.utils.data import DataLoader, DistributedSampler
 
-        self.sampler = DistributedSampler(dataset, world_size, rank, shuffle=shuffle, seed=seed) if world_size > 1 else None
+        self.sampler = DistributedSampler(dataset, world_size, rank, shuffle=shuffle, seed=seed) \
+            if world_size > 1 and shuffle else None
+        # evaluation shards: a plain stride, no padded duplicates (no per-batch collectives to keep in step)
+        shard = range(rank, len(dataset), world_size) if world_size > 1 and not shuffle else None
         self.loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and self.sampler is None,
-                                 sampler=self.sampler, num_workers=num_workers,
+                                 sampler=self.sampler if self.sampler is not None else shard, num_workers=num_workers,
                                  pin_memory=device.startswith("cuda"), persistent_workers=num_workers > 0)
         self.device = device
         self.num_samples = len(dataset)
@@ -288,7 +295,7 @@ def make_splits(meta: dict, *, batch_size: int, eval_batch_size: int, device: st
                         padding=meta.get("crop_padding", 0), hflip=meta.get("hflip", False),
                         rank=rank, world_size=world_size, drop_last=False, **common)
     val = TensorSplit(xv, yv, batch_size=eval_batch_size, rank=rank if shard_val else 0,
-                      world_size=world_size if shard_val else 1, **common)
+                      world_size=world_size if shard_val else 1, even_shards=False, **common)
     return train, val
 
 

@@ -131,7 +131,9 @@ class Checkpointer:
                               self.folder / "best.pt")
 
     def load(self) -> Optional[dict]:
-        return safe_torch_load(self.last, "training checkpoint") if self.last.is_file() else None
+        if not self.last.is_file():
+            return None
+        return safe_torch_load(self.last, "training checkpoint", fix="delete it, or run with --force to start the stage over")
 
 
 def write_history(path: Path, rows: list[dict]) -> None:
@@ -220,9 +222,7 @@ def fit(*, model: nn.Module, step: Callable, train, val, spec: TrainSpec, out_di
                 loss = sum(terms.values())
                 if not torch.isfinite(loss):
                     bad = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
-                    raise TrainingDiverged(
-                        f"{label}: loss became {loss.item()} in epoch {epoch + 1} ({bad}); the last good checkpoint "
-                        f"(epoch {epoch}) is kept in {ckpt.last}; lower the learning rate or check the data")
+                    raise TrainingDiverged(_diverged(label, f"loss became {loss.item()} ({bad})", epoch, ckpt.last))
                 opt.zero_grad(set_to_none=True)
                 if scaler is not None:
                     scaler.scale(loss).backward()
@@ -248,7 +248,10 @@ def fit(*, model: nn.Module, step: Callable, train, val, spec: TrainSpec, out_di
             if extra_row:
                 row.update(extra_row(epoch))
             model.eval()
+            dist.broadcast_buffers(model)  # evaluate (on every rank's shard) exactly the model rank 0 saves
             ev = evaluate(forward, val, device=device, amp_dtype=amp_dtype, channels_last=spec.channels_last)
+            if not math.isfinite(ev["loss"]):  # a finite last step can still leave inf/NaN weights: never save them
+                raise TrainingDiverged(_diverged(label, f"validation loss became {ev['loss']}", epoch, ckpt.last))
             row.update({"val_top1": ev["top1"], "val_top5": ev["top5"], "val_loss": ev["loss"],
                         "epoch_s": time.perf_counter() - t0})
             history.append(row)
@@ -270,6 +273,13 @@ def fit(*, model: nn.Module, step: Callable, train, val, spec: TrainSpec, out_di
             "train_s": sum(r.get("epoch_s", 0.0) for r in history)}
 
 
+def _diverged(label: str, what: str, epoch: int, last: Path) -> str:
+    """The one-line NaN/inf message: which epoch, and where the last good checkpoint is (if any)."""
+    kept = (f"the last good checkpoint (epoch {epoch}) is kept in {last}" if epoch > 0
+            else "no epoch had finished, so there is no checkpoint to keep")
+    return f"{label}: {what} in epoch {epoch + 1}; {kept}; lower the learning rate (or the loss weights) or check the data"
+
+
 @dataclass
 class Prepared:
     meta: dict
@@ -279,20 +289,29 @@ class Prepared:
 
 
 def prepare(ctx, c, seed: int) -> Prepared:
-    """Dataset description, device (torchrun-aware), seeds and (train, val) splits for a training stage."""
+    """Dataset description, device (torchrun-aware), seeds and (train, val) splits for a training stage.
+
+    ``batch_size`` is the global batch: each of the torchrun processes takes ``batch_size / world`` of it,
+    so a recipe (and a resumed run) means the same thing on 1 or N processes.
+    """
     import json
     import random
 
     from stages.lib.datasets import make_splits
 
-    meta = json.loads((ctx.input("data") / "dataset.json").read_text())
     device = resolve_device(ctx.cfg.run.device)
     rank, world, device = dist.init(device)
+    dist.release_followers({"run": True, "out_dir": str(ctx.out_dir), "force": ctx.force,
+                            "inputs": {k: str(v) for k, v in ctx.inputs.items()}, "input_records": ctx.input_records})
+    meta = json.loads((ctx.input("data") / "dataset.json").read_text())
+    if c.batch_size % world:
+        raise PipelineError(f"{ctx.name}.batch_size={c.batch_size} is the global batch and must be divisible by the "
+                            f"{world} processes; change it or --nproc")
     if ctx.cfg.run.threads:
         torch.set_num_threads(ctx.cfg.run.threads)
     random.seed(seed)
     torch.manual_seed(seed)
-    train, val = make_splits(meta, batch_size=c.batch_size, eval_batch_size=ctx.cfg.data.eval_batch_size,
+    train, val = make_splits(meta, batch_size=c.batch_size // world, eval_batch_size=ctx.cfg.data.eval_batch_size,
                              device=device, rank=rank, world_size=world, seed=seed,
                              num_workers=ctx.cfg.data.num_workers, shard_val=True)
     return Prepared(meta=meta, device=device, train=train, val=val)

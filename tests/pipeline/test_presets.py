@@ -1,0 +1,96 @@
+"""The paper-reproduction presets: they validate, carry the paper's recipe, and their models build with the
+channel counts ../shared/NORM.md lists."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.norm import NormStudent
+from models.registry import create_model
+from pipeline.config import load_config
+from stages.lib.training import TrainSpec, lr_at
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = ROOT / "configs"
+
+# preset stem -> (teacher, student, last-stage channels of each per NORM.md, student lr)
+CIFAR = {
+    "cifar100_resnet32x4_resnet8x4": ("resnet32x4", "resnet8x4", 256, 256, 0.05),
+    "cifar100_wrn40_2_wrn16_2": ("wrn_40_2", "wrn_16_2", 128, 128, 0.05),
+    "cifar100_resnet56_resnet20": ("resnet56", "resnet20", 64, 64, 0.05),
+    "cifar100_vgg13_vgg8": ("vgg13", "vgg8", 512, 512, 0.05),
+    "cifar100_resnet32x4_shufflev2": ("resnet32x4", "shufflenetv2", 256, 1024, 0.01),
+}
+
+
+def test_every_expected_preset_exists():
+    names = {p.stem for p in CONFIGS.glob("*.yaml")}
+    expected = set(CIFAR) | {f"{n}_kd" for n in CIFAR} | {"imagenet_resnet34_resnet18"}
+    assert expected <= names, f"missing presets: {sorted(expected - names)}"
+
+
+@pytest.mark.parametrize("stem", sorted(CIFAR) + sorted(f"{n}_kd" for n in CIFAR))
+def test_cifar_preset_recipe(stem):
+    teacher, student, _, _, student_lr = CIFAR[stem.removesuffix("_kd")]
+    cfg = load_config(CONFIGS / f"{stem}.yaml")
+    assert cfg.run.name == stem and cfg.data.dataset == "cifar100" and cfg.data.root is None
+    assert cfg.data.crop_padding == 4 and cfg.data.hflip and cfg.data.augment
+    assert (cfg.teacher.model, cfg.student.model) == (teacher, student) and cfg.teacher.checkpoint is None
+    for section, lr in (("teacher", 0.05), ("baseline", student_lr), ("distill", student_lr)):
+        c = getattr(cfg, section)
+        assert (c.epochs, c.batch_size, c.lr, c.momentum, c.weight_decay) == (240, 64, lr, 0.9, 5e-4), section
+        spec = TrainSpec.from_cfg(c)
+        drops = [e for e in range(1, 240) if lr_at(spec, e) < lr_at(spec, e - 1)]
+        assert drops == [150, 180, 210], section
+    d = cfg.distill
+    assert d.n == 8 and d.residual and d.alpha == 1.0 and d.logit_standardize and d.logit_scale == 2.5
+    assert (d.beta > 0) == stem.endswith("_kd")
+    assert not cfg.teacher.logit_standardize and not cfg.baseline.logit_standardize
+
+
+@pytest.mark.parametrize("stem", sorted(CIFAR))
+def test_cifar_preset_models_build_with_the_papers_channels(stem):
+    teacher, student, c_t, c_s, _ = CIFAR[stem]
+    d = load_config(CONFIGS / f"{stem}.yaml").distill
+    t = create_model(teacher, num_classes=100, in_chans=3)
+    s = create_model(student, num_classes=100, in_chans=3)
+    assert (t.num_features, s.num_features) == (c_t, c_s)
+    ns = NormStudent(s, t.num_features, n=d.n, residual=d.residual).eval()
+    with torch.no_grad():
+        x = torch.randn(2, 3, 32, 32)
+        logits, expanded = ns(x)
+        feats = t.eval().forward_features(x)
+    assert logits.shape == (2, 100) and expanded.shape[1] == 8 * c_t and feats.shape[1] == c_t
+
+
+def test_imagenet_preset_recipe_and_models():
+    cfg = load_config(CONFIGS / "imagenet_resnet34_resnet18.yaml")
+    assert cfg.data.dataset == "imagefolder" and cfg.data.image_size == 224 and cfg.data.root is None
+    assert (cfg.teacher.model, cfg.student.model) == ("tv_resnet34", "tv_resnet18")
+    assert cfg.teacher.checkpoint is not None, "the ImageNet teacher is imported, not trained"
+    for c in (cfg.baseline, cfg.distill):
+        assert (c.epochs, c.batch_size, c.lr, c.weight_decay) == (100, 256, 0.1, 1e-4)
+        spec = TrainSpec.from_cfg(c)
+        assert [e for e in range(1, 100) if lr_at(spec, e) < lr_at(spec, e - 1)] == [30, 60, 90]
+    assert cfg.distill.n == 8 and cfg.distill.beta == 0 and cfg.distill.norm_schedule[-1] == (1.0, 0.1)
+    t = create_model("tv_resnet34", num_classes=1000, in_chans=3)
+    s = create_model("tv_resnet18", num_classes=1000, in_chans=3)
+    assert (t.num_features, s.num_features) == (512, 512)
+    with torch.no_grad():
+        assert t.eval().forward_features(torch.randn(1, 3, 224, 224)).shape == (1, 512, 7, 7)
+
+
+def test_presets_need_a_data_root(tmp_path):
+    """data.root is the user's to set: the data stage says so in one line."""
+    from stages.lib.errors import PipelineError
+    from stages.data import describe
+
+    for stem, dataset in (("cifar100_vgg13_vgg8", "cifar100"), ("imagenet_resnet34_resnet18", "imagefolder")):
+        cfg = load_config(CONFIGS / f"{stem}.yaml")
+        c = cfg.data
+        with pytest.raises(PipelineError, match="needs data.root"):
+            describe(dataset=c.dataset, root=c.root, download=False, train_limit=None, val_limit=None,
+                     augment=c.augment, crop_padding=c.crop_padding, hflip=c.hflip, image_size=c.image_size)
+        assert cfg.data.dataset == dataset
