@@ -20,6 +20,7 @@ class StageSpec:
     config: tuple[str, ...] = ()  # config sections (dotted paths) in the fingerprint
     outputs: tuple[str, ...] = ()  # main files written (for `list` and the docs)
     environment: bool = False  # fingerprint also covers the GPU/TensorRT environment
+    file_config: tuple[str, ...] = ()  # config paths naming files whose contents are inputs (sha256 in the fingerprint)
     distributed: bool = False  # may run under torchrun (training stages)
     key_metrics: tuple[str, ...] = field(default=())
 
@@ -32,6 +33,7 @@ STAGES: tuple[StageSpec, ...] = (
               config=("data",), outputs=("dataset.json",), key_metrics=("train_size", "val_size")),
     StageSpec("teacher", "stages.teacher", "train the teacher with cross-entropy, or import a checkpoint",
               inputs=("data",), config=("teacher", "run.seed"), outputs=("model.pt", "history.csv"),
+              file_config=("teacher.checkpoint",),
               distributed=True, key_metrics=("top1", "top5")),
     StageSpec("baseline", "stages.baseline", "train the student alone (CE, optionally KD) with the distill budget",
               inputs=("data", "teacher"), config=("student", "baseline", "run.seed"),

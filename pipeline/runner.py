@@ -10,6 +10,7 @@ import importlib.util
 import json
 import platform
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -71,18 +72,38 @@ def fingerprint(spec: StageSpec, cfg: PipelineConfig, upstream: dict[str, Option
         "inputs": {n: (r or {}).get("outputs") if (r or {}).get("status") == "done" else None
                    for n, r in sorted(upstream.items())},
         "environment": env if spec.environment else None,
+        "files": {path: _file_hash(cfg.section(path)) for path in spec.file_config},
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def _file_hash(path) -> Optional[str]:
+    """sha256 of a file named in the config (a swapped teacher checkpoint at the same path re-runs the stage)."""
+    if path is None or not Path(path).is_file():
+        return None
+    from stages.lib.io import sha256_file
+
+    return sha256_file(path)
+
+
 def versions() -> dict:
+    """Library versions for the record: ``__version__`` when already imported, else the package metadata
+    (importing torchvision just to read its version costs seconds on every stage)."""
+    from importlib import metadata
+
     out = {"norm-pipeline": __version__, "python": platform.python_version()}
     for mod in ("torch", "torchvision", "onnx", "onnxruntime", "tensorrt"):
-        if importlib.util.find_spec(mod) is not None:
+        loaded = sys.modules.get(mod)
+        if loaded is not None and hasattr(loaded, "__version__"):
+            out[mod] = str(loaded.__version__)
+        elif importlib.util.find_spec(mod) is not None:
             try:
-                out[mod] = importlib.import_module(mod).__version__
-            except Exception:  # noqa: BLE001
-                out[mod] = "broken"
+                out[mod] = metadata.version(mod)
+            except metadata.PackageNotFoundError:  # e.g. onnxruntime-gpu: another distribution name
+                try:
+                    out[mod] = importlib.import_module(mod).__version__
+                except Exception:  # noqa: BLE001
+                    out[mod] = "broken"
     return out
 
 
@@ -134,11 +155,18 @@ class Runner:
             if not (standalone and rec.get("status") == "skipped"):
                 return StageResult(name, "cached", metrics=rec.get("metrics", {}), reason=rec.get("reason", ""))
 
+        for dep in spec.inputs + spec.optional_inputs:  # provenance: read only what the records vouch for
+            changed = self.rd.modified_files(dep) if (upstream[dep] or {}).get("status") == "done" else []
+            if changed:
+                raise PipelineError(f"stage {name!r} reads {dep}/{changed[0]}, which no longer matches the record of "
+                                    f"stage {dep!r} (modified, corrupt or deleted); re-run it: `norm-pipeline stage {dep}` "
+                                    "(or `norm-pipeline run`)")
         work = self.rd.work_dir(name)
         marker = work / ".fingerprint"
         if work.exists() and (force or not marker.is_file() or marker.read_text() != fp):
             shutil.rmtree(work)  # leftovers of another configuration: never resume from them
         work.mkdir(parents=True, exist_ok=True)
+        pass  # self.rd.remove_partial_files(work)  # temp files of a killed process: never part of an artifact
         marker.write_text(fp)
         from stages.lib.context import StageContext
 

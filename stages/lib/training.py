@@ -37,20 +37,24 @@ class TrainSpec:
     warmup_epochs: int = 0
     amp: str = "none"
     channels_last: bool = False
+    compile: bool = False
 
     @classmethod
     def from_cfg(cls, c) -> "TrainSpec":
         return cls(**{k: getattr(c, k) for k in cls.__dataclass_fields__})
 
 
-def lr_at(spec: TrainSpec, epoch: int) -> float:
-    """Learning rate for an epoch: linear warm-up, then step decay at fractions or cosine."""
+def lr_at(spec: TrainSpec, epoch: float) -> float:
+    """Learning rate at a (fractional) epoch: linear warm-up, then step decay at fractions or cosine.
+
+    Cosine follows the fraction of the run per batch, so short runs still anneal to ~0 by the end.
+    """
     if epoch < spec.warmup_epochs:
-        return spec.lr * (epoch + 1) / (spec.warmup_epochs + 1)
+        return spec.lr * (int(epoch) + 1) / (spec.warmup_epochs + 1)
     if spec.schedule == "cosine":
         t = (epoch - spec.warmup_epochs) / max(1, spec.epochs - spec.warmup_epochs)
-        return spec.lr * 0.5 * (1 + math.cos(math.pi * t))
-    drops = sum(epoch >= round(m * spec.epochs) for m in spec.milestones)
+        return spec.lr * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+    drops = sum(int(epoch) >= round(m * spec.epochs) for m in spec.milestones)
     return spec.lr * spec.lr_decay**drops
 
 
@@ -200,6 +204,8 @@ def fit(*, model: nn.Module, step: Callable, train, val, spec: TrainSpec, out_di
             scaler.load_state_dict(state["scaler"])
         log(f"{label}: resuming after epoch {state['epoch'] + 1}/{spec.epochs} (best top-1 {best_top1:.4f})")
     train_model = dist.wrap_ddp(model, device)
+    if spec.compile:
+        train_model = torch.compile(train_model)
     forward = eval_forward or (lambda x: model(x))
 
     with _progress(disable=not is_main) as progress:
@@ -213,8 +219,12 @@ def fit(*, model: nn.Module, step: Callable, train, val, spec: TrainSpec, out_di
             t0 = time.perf_counter()
             sums: dict[str, float] = {}
             seen = correct = 0
-            batch_task = progress.add_task(f"epoch {epoch + 1}", total=len(train), info="")
-            for x, y in train:
+            batches = len(train)
+            batch_task = progress.add_task(f"epoch {epoch + 1}", total=batches, info="")
+            for i, (x, y) in enumerate(train):
+                if spec.schedule == "cosine":
+                    for g in opt.param_groups:
+                        g["lr"] = lr_at(spec, epoch + i / max(batches, 1))
                 if spec.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 with autocast(device, amp_dtype):

@@ -96,3 +96,28 @@ def test_lock_names_holder_pid(tmp_path):
         a.unlock()
     b.lock()
     b.unlock()
+
+
+def test_swapped_teacher_checkpoint_makes_teacher_stale(tmp_path, tiny_overrides):
+    import torch
+
+    from models.registry import create_model
+
+    ckpt = tmp_path / "teacher.pt"
+    torch.save(create_model("resnet8", num_classes=10, in_chans=1).state_dict(), ckpt)
+    cfg = load_config(None, tiny_overrides + [f"teacher.checkpoint={ckpt}"])
+    run_dir = tmp_path / "run"
+    assert _run(cfg, run_dir, stages=["data", "teacher"])[0] == {"data": "done", "teacher": "done"}
+    assert Runner(cfg, run_dir).state(graph.get("teacher")) == "done"
+    torch.manual_seed(1)
+    torch.save(create_model("resnet8", num_classes=10, in_chans=1).state_dict(), ckpt)  # same path, new weights
+    assert Runner(cfg, run_dir).state(graph.get("teacher")) == "stale"
+
+
+def test_cosine_lr_anneals_within_the_last_epoch():
+    from stages.lib.training import TrainSpec, lr_at
+
+    spec = TrainSpec(epochs=2, lr=0.1, schedule="cosine")
+    assert lr_at(spec, 0) == pytest.approx(0.1)
+    assert lr_at(spec, 1.0) == pytest.approx(0.05)
+    assert lr_at(spec, 1.99) < 0.001
