@@ -118,6 +118,28 @@ def status(config, run_dir, overrides) -> None:
     print_status(cfg, rd)
 
 
+@main.command()
+@config_option
+@run_dir_option
+@set_option
+@guarded
+def report(config, run_dir, overrides) -> None:
+    """Write report.html and summary.json for a run directory (every `run` also does) and print the verdicts."""
+    import json
+
+    from rich.console import Console
+
+    from pipeline.report import SUMMARY, terminal_summary, write_report
+    from stages.lib.errors import PipelineError
+
+    _, rd = _load(config, overrides, run_dir)
+    if not rd.is_dir():
+        raise PipelineError(f"run directory {rd} does not exist; run `norm-pipeline run` first or pass --run-dir")
+    path = write_report(rd)
+    Console(highlight=False).print(terminal_summary(json.loads((rd / SUMMARY).read_text())))
+    click.echo(f"report: {path}")
+
+
 @main.command(name="list")
 def list_stages() -> None:
     """List the stages and what each reads and writes."""
@@ -146,17 +168,23 @@ def bundle() -> None:
 
 @bundle.command(name="verify")
 @click.argument("path", type=click.Path(exists=True))
+@click.option("--strict", is_flag=True,
+              help="also fail when an engine cannot load on this machine (run it on the target device)")
 @guarded
-def bundle_verify(path) -> None:
+def bundle_verify(path, strict) -> None:
     """Check every file hash of a bundle folder or .tar.gz, and engine compatibility with this machine."""
     from stages.bundle import verify_bundle
 
     problems = verify_bundle(Path(path))
     errors = [p for p in problems if not p.startswith("warning")]
+    engines = [p.removeprefix("warning: ") for p in problems if strict and p.startswith("warning")]
     for p in problems:
         click.echo(p, err=True)
     if errors:
-        _fail(f"bundle {path} failed verification: {len(errors)} problem(s), first: {errors[0]}", code=1)
+        _fail(f"bundle {path} failed verification: {len(errors)} problem(s), first: {errors[0]}; do not deploy it: "
+              "copy the bundle again from its source, or rebuild it with `norm-pipeline stage bundle --force`", code=1)
+    if engines:
+        _fail(f"bundle {path} is intact, but an engine cannot run on this machine: {engines[0]}", code=1)
     click.echo(f"bundle {path}: OK (all hashes match)")
 
 

@@ -73,6 +73,13 @@ class RunDir:
         work.mkdir(parents=True)
         self.commit(name, record)
 
+    @staticmethod
+    def remove_partial_files(folder: Path) -> None:
+        """Delete temp files left in a work folder by a process killed mid-write (resume starts clean)."""
+        for p in sorted(Path(folder).rglob("*")):
+            if p.is_file() and is_partial(p):
+                p.unlink(missing_ok=True)
+
     def modified_files(self, name: str) -> list[str]:
         """Files whose sha256 no longer matches the record (or that vanished / appeared)."""
         rec = self.record(name)
@@ -110,13 +117,18 @@ class RunDir:
             self._lock_fd = None
 
 
+def is_partial(path: Path) -> bool:
+    """A temp file of an atomic write (``.<name>.<random>.tmp[.<ext>]``): what a killed process leaves behind."""
+    return path.name.endswith(".tmp") or (path.name.startswith(".") and ".tmp" in path.suffixes)
+
+
 def hash_tree(folder: Path) -> dict[str, str]:
-    """sha256 of every file under ``folder`` (relative posix paths), the record itself excluded."""
+    """sha256 of every file under ``folder`` (relative posix paths), the record and temp files excluded."""
     folder = Path(folder)
     if not folder.is_dir():
         return {}
     out = {}
     for p in sorted(folder.rglob("*")):
-        if p.is_file() and p.name != RECORD and not p.name.endswith(".tmp"):
+        if p.is_file() and p.name != RECORD and not is_partial(p):
             out[p.relative_to(folder).as_posix()] = sha256_file(p)
     return out

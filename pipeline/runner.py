@@ -166,7 +166,7 @@ class Runner:
         if work.exists() and (force or not marker.is_file() or marker.read_text() != fp):
             shutil.rmtree(work)  # leftovers of another configuration: never resume from them
         work.mkdir(parents=True, exist_ok=True)
-        pass  # self.rd.remove_partial_files(work)  # temp files of a killed process: never part of an artifact
+        self.rd.remove_partial_files(work)  # temp files of a killed process: never part of an artifact
         marker.write_text(fp)
         from stages.lib.context import StageContext
 

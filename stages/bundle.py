@@ -13,6 +13,7 @@ import os
 import shutil
 import tarfile
 import tempfile
+import zlib
 from datetime import datetime, timezone
 from importlib import resources
 from importlib.metadata import PackageNotFoundError, version
@@ -295,30 +296,37 @@ def make_tarball(folder: Path, dest: Path) -> Path:
 def _safe_extract(archive: Path, dest: Path) -> list[str]:
     """Extract plain files and folders only; any absolute path, '..', link or device refuses the archive."""
     try:
-        tar = tarfile.open(archive, "r:*")
-    except (tarfile.TarError, OSError) as e:
-        return [f"{archive} is not a readable tar archive ({e})"]
-    with tar:
-        members, bad = tar.getmembers(), []
-        for m in members:
-            p = PurePosixPath(m.name)
-            if not p.parts or p.is_absolute() or m.name.startswith(("/", "\\")) or ".." in p.parts or ":" in p.parts[0]:
-                bad.append(f"unsafe path in archive: {m.name}")
-            elif not (m.isfile() or m.isdir()):
-                bad.append(f"archive member {m.name} is a link or special file; bundles hold plain files only")
-        if bad:
-            return bad
-        root = dest.resolve()
-        for m in members:
-            target = (dest / m.name).resolve()
-            if root not in target.parents and target != root:
-                return [f"unsafe path in archive: {m.name}"]
-            if m.isdir():
-                target.mkdir(parents=True, exist_ok=True)
-                continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with tar.extractfile(m) as src, open(target, "wb") as out:
-                shutil.copyfileobj(src, out)
+        with tarfile.open(archive, "r:*") as tar:
+            return _extract_members(tar, dest)
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:  # truncated or not an archive at all
+        reason = " ".join(str(e).split())[:200] or type(e).__name__
+        if isinstance(e, tarfile.ReadError) and "could not be opened" in reason:
+            reason = "not a tar or .tar.gz file"
+        return [f"{archive} is not a readable tar archive ({reason})"]
+
+
+def _extract_members(tar: tarfile.TarFile, dest: Path) -> list[str]:
+    """Check every member first (plain files/folders, safe relative paths), then write them under ``dest``."""
+    members, bad = tar.getmembers(), []
+    for m in members:
+        p = PurePosixPath(m.name)
+        if not p.parts or p.is_absolute() or m.name.startswith(("/", "\\")) or ".." in p.parts or ":" in p.parts[0]:
+            bad.append(f"unsafe path in archive: {m.name}")
+        elif not (m.isfile() or m.isdir()):
+            bad.append(f"archive member {m.name} is a link or special file; bundles hold plain files only")
+    if bad:
+        return bad
+    root = dest.resolve()
+    for m in members:
+        target = (dest / m.name).resolve()
+        if root not in target.parents and target != root:
+            return [f"unsafe path in archive: {m.name}"]
+        if m.isdir():
+            target.mkdir(parents=True, exist_ok=True)
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tar.extractfile(m) as src, open(target, "wb") as out:
+            shutil.copyfileobj(src, out)
     return []
 
 

@@ -162,7 +162,8 @@ def run(ctx: StageContext) -> dict:
     if failed:
         worst = ", ".join(f"{k} max abs diff {facts[k]['parity']['max_abs_diff']:.2e}" for k in failed)
         raise PipelineError(f"onnxruntime output differs from PyTorch beyond export.atol={c.atol}/export.rtol={c.rtol}: "
-                            f"{worst} (details in export.json)")
+                            f"{worst} (details in export.json); if that is float noise, loosen export.atol/export.rtol, "
+                            "otherwise an op is translated wrongly: check the model's ops against onnxruntime")
     mv = identity["merged_vs_vanilla"]
     ctx.log(f"exported {len(FILES)} ONNX files (opset {opset}, {facts['merged']['exporter']}); model.onnx "
             f"{'is' if mv['identical'] else 'is NOT'} structurally identical to vanilla.onnx; "

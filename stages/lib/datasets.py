@@ -249,8 +249,12 @@ class LoaderSplit:
         return len(self.loader)
 
     def __iter__(self):
-        for x, y in self.loader:
-            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        try:
+            for x, y in self.loader:
+                yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        except OSError as e:  # PIL's UnidentifiedImageError / truncated image, also re-raised from a worker
+            reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            raise PipelineError(f"cannot read an image of the dataset: {reason[:240]}; remove or replace that file") from None
 
 
 def _subset(x: torch.Tensor, y: torch.Tensor, limit: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:

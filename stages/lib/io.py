@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -48,8 +49,9 @@ def atomic_torch_save(obj: Any, path: Path | str) -> Path:
     return _atomic_replace(Path(path), lambda f: torch.save(obj, f))
 
 
-def safe_torch_load(path: Path | str, what: str = "checkpoint") -> Any:
-    """``torch.load(weights_only=True)`` with one clear error for missing, truncated or foreign files."""
+def safe_torch_load(path: Path | str, what: str = "checkpoint",
+                    fix: str = "point to a state_dict saved with torch.save") -> Any:
+    """``torch.load(weights_only=True)`` with one clear error (ending in ``fix``) for missing, truncated or foreign files."""
     import torch
 
     path = Path(path)
@@ -58,8 +60,19 @@ def safe_torch_load(path: Path | str, what: str = "checkpoint") -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - every failure here means "not a usable checkpoint"
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()
+        # torch's own text suggests weights_only=False; keep only its reason (e.g. "Unsupported global: ...")
+        found = re.search(r"WeightsUnpickler error:\s*(.+?)(?: was not an allowed global|\n\n|$)", text, re.S)
+        first = " ".join(found.group(1).split()) if found else (text.splitlines()[0] if text else type(e).__name__)
+        if found and "global" in first.lower():
+            raise PipelineError(f"{what} {path} was refused: it holds Python objects or code, not only tensors "
+                                f"({first[:120]}); {fix}") from None
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if head[:2] != b"PK" and head[:1] != b"\x80":  # neither torch.save's zip nor a pickle
+            first = f"not a PyTorch file at all: it starts with {head!r}"
+        else:
+            first = first.split(". ")[0] + (" - truncated or corrupt" if head[:2] == b"PK" else "")
         raise PipelineError(
-            f"{what} {path} is not a readable PyTorch checkpoint of tensors ({first[:160]}); "
-            "point to a state_dict saved with torch.save"
+            f"{what} {path} is not a readable PyTorch checkpoint of tensors ({first[:160]}); {fix}"
         ) from None

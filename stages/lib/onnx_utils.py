@@ -91,7 +91,8 @@ def export_onnx(model: nn.Module, path: Path | str, *, kind: str, example: torch
                 _torch_export(model, example, tmp, opset=opset, max_batch=max_batch, dynamo=False)
             except Exception as e2:  # noqa: BLE001
                 raise PipelineError(f"ONNX export of {kind} failed: {info['dynamo_error']} "
-                                    f"(TorchScript exporter: {_first_line(e2)})") from None
+                                    f"(TorchScript exporter: {_first_line(e2)}); replace the unsupported operation "
+                                    "in the model with ONNX-exportable ones") from None
         proto = onnx.load(str(tmp))
         set_metadata(proto, {**metadata, "exporter": info["exporter"]})
         onnx.save(proto, str(tmp))
