@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Optional
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from pipeline import graph
@@ -142,7 +143,8 @@ def print_results(runner: Runner, results: list[StageResult]) -> None:
         spec = graph.get(r.name)
         keys = [k for k in spec.key_metrics if k in r.metrics]
         metrics = ", ".join(f"{k}={_fmt(r.metrics[k])}" for k in keys) or r.reason
-        table.add_row(r.name, _describe(r).split(" in ")[0], f"{r.seconds:.1f}s" if r.status == "done" else "", metrics)
+        table.add_row(r.name, escape(_describe(r).split(" in ")[0]), f"{r.seconds:.1f}s" if r.status == "done" else "",
+                      escape(metrics))
     console.print(table)
     acc = accuracy_summary(runner)
     if acc:
@@ -187,7 +189,7 @@ def print_status(cfg: PipelineConfig, run_dir: Path) -> None:
             state = "modified"
             info = f"files changed since the record: {', '.join(modified[:3])}"
         color = colors.get(state, "red")
-        table.add_row(spec.name, f"[{color}]{state}[/]", (rec.get("finished") or "")[:19].replace("T", " "), info)
+        table.add_row(spec.name, f"[{color}]{state}[/]", (rec.get("finished") or "")[:19].replace("T", " "), escape(info))
     console.print(table)
 
 

@@ -61,3 +61,15 @@ def test_dump_roundtrip(tmp_path):
     p.write_text(dump_config(cfg))
     assert load_config(p) == cfg
     assert PipelineConfig().section("run.seed") == 0
+
+
+def test_artifacts_are_written_with_normal_permissions(tmp_path):
+    import os
+    import stat
+
+    from stages.lib.io import atomic_write_text
+
+    p = atomic_write_text(tmp_path / "report.html", "<html></html>")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~umask
