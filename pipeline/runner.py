@@ -171,8 +171,11 @@ class Runner:
         from stages.lib.context import StageContext
 
         inputs = {n: self.rd.stage_dir(n) for n, r in upstream.items() if r and r.get("status") == "done"}
+        from stages.lib.training import resolve_device
+
         ctx = StageContext(name=name, out_dir=work, run_dir=self.rd.path, cfg=self.cfg, inputs=inputs,
-                           input_records={n: r for n, r in upstream.items() if r}, force=force, log=self.log)
+                           input_records={n: r for n, r in upstream.items() if r}, force=force, log=self.log,
+                           device=resolve_device(self.cfg.run.device))
         started = datetime.now(timezone.utc)
         t0 = time.perf_counter()
         record = {"stage": name, "fingerprint": fp, "started": started.isoformat(), "versions": versions(),
