@@ -131,6 +131,8 @@ def _follow(cfg: PipelineConfig, run_dir: Path, spec: graph.StageSpec) -> StageR
 
 def _fmt(v) -> str:
     if isinstance(v, float):
+        if v != 0 and abs(v) < 1e-3:
+            return f"{v:.2e}"  # merge/parity differences: 2.19e-07, not 0.0000
         return f"{v:.4f}" if abs(v) < 1000 else f"{v:.0f}"
     return str(v)
 
