@@ -20,13 +20,14 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 import torch
+
+from _clock import configure_clock
 import torch.nn as nn
 
 from models.losses import distill_losses
@@ -147,11 +148,7 @@ def bench_pair(pair: str, variants: list[Variant], args: argparse.Namespace, dev
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    if args.clock == "cpu" and args.threads != 1:
-        raise SystemExit("--clock cpu measures one thread's CPU time: add --threads 1")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    timer = time.thread_time if args.clock == "cpu" else time.perf_counter
+    timer = configure_clock(args.clock, args.threads)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if args.clock == "cpu" and device != "cpu":
         raise SystemExit("--clock cpu is for CPU runs; GPU steps are timed by the wall clock")

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
+
+from _clock import configure_clock
 import torch.nn as nn
 
 from models.losses import distill_losses
@@ -139,11 +140,7 @@ def report(out: dict, args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    if args.clock == "cpu" and args.threads != 1:
-        raise SystemExit("--clock cpu measures one thread's CPU time: add --threads 1")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    timer = time.thread_time if args.clock == "cpu" else time.perf_counter
+    timer = configure_clock(args.clock, args.threads)
     b = build(args)
     steps = make_steps(b)
     res = timing.run_interleaved_blocks({m: timing.timed_block(steps[m], timer) for m in METHODS}, warmup=args.warmup,
