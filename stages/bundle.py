@@ -88,7 +88,7 @@ def copy_engines(ctx: StageContext, bundle: Path) -> list[dict]:
 def fp16_onnx(src: Path, dst: Path, x: np.ndarray) -> dict:
     """model_fp16.onnx for TensorRT 11 (strongly typed) and its agreement with the fp32 model in onnxruntime."""
     from stages.lib.onnx_utils import compare_outputs, ort_session, run_ort
-    from stages.lib.trt import convert_onnx_to_fp16
+    from stages.lib.onnx_fp16 import convert_onnx_to_fp16
 
     stats = convert_onnx_to_fp16(src, dst)
     a, b = run_ort(ort_session(dst), x), run_ort(ort_session(src), x)
