@@ -111,11 +111,14 @@ def stage(name, config, run_dir, overrides, force) -> None:
 @set_option
 @guarded
 def status(config, run_dir, overrides) -> None:
-    """Table of stages: done / stale / skipped / missing / interrupted, key metrics, tampered files."""
+    """Table of stages: done / stale / skipped / missing / interrupted / modified; exits 1 if files were tampered with."""
     from pipeline.session import print_status
 
     cfg, rd = _load(config, overrides, run_dir)
-    print_status(cfg, rd)
+    tampered = print_status(cfg, rd)
+    if tampered:
+        _fail(f"files of {', '.join(tampered)} no longer match their records; run `norm-pipeline run` to rebuild "
+              "them (or restore the files)", code=1)
 
 
 @main.command()

@@ -175,8 +175,10 @@ def _write_report(runner: Runner) -> None:
     _log(f"report: {path}")
 
 
-def print_status(cfg: PipelineConfig, run_dir: Path) -> None:
+def print_status(cfg: PipelineConfig, run_dir: Path) -> list[str]:
+    """Print the stage table; returns the stages whose files no longer match their records."""
     runner = Runner(cfg, run_dir, log=_log)
+    tampered: list[str] = []
     table = Table(title=f"status of {run_dir}")
     for col in ("stage", "state", "finished", "key metrics"):
         table.add_column(col)
@@ -188,11 +190,13 @@ def print_status(cfg: PipelineConfig, run_dir: Path) -> None:
         info = ", ".join(f"{k}={_fmt(m[k])}" for k in spec.key_metrics if k in m) or rec.get("reason", "")
         modified = runner.rd.modified_files(spec.name)
         if modified:
+            tampered.append(spec.name)
             state = "modified"
             info = f"files changed since the record: {', '.join(modified[:3])}"
         color = colors.get(state, "red")
         table.add_row(spec.name, f"[{color}]{state}[/]", (rec.get("finished") or "")[:19].replace("T", " "), escape(info))
     console.print(table)
+    return tampered
 
 
 def print_stage_list() -> None:

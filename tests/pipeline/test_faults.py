@@ -459,7 +459,8 @@ def test_status_flags_an_artifact_that_no_longer_matches_its_record(run_copy):
     (rd / "merge" / "merge.json").write_text("{}")
     (rd / "teacher" / "notes.txt").write_text("added by hand")
     res = run_cli("status", "-c", cfg, "--run-dir", str(rd))
-    assert res.code == 0 and "Traceback" not in res.out + res.err
+    assert res.code == 1 and "Traceback" not in res.out + res.err
+    assert res.err.strip().splitlines()[-1].startswith("error: files of teacher, merge no longer match"), res.err
     rows = {ln.split("│")[1].strip(): ln for ln in res.out.splitlines() if ln.count("│") > 2}
     assert "modified" in rows["merge"] and "merge.json" in rows["merge"], res.out
     assert "modified" in rows["teacher"] and "notes.txt (unrecorded)" in rows["teacher"], res.out
