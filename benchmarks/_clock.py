@@ -1,6 +1,7 @@
 """The timer choice shared by the training benchmarks: wall clock, or one thread's CPU time."""
 from __future__ import annotations
 
+import argparse
 import time
 from typing import Callable
 
@@ -14,3 +15,11 @@ def configure_clock(clock: str, threads: int | None) -> Callable[[], float]:
     if threads:
         torch.set_num_threads(threads)
     return time.thread_time if clock == "cpu" else time.perf_counter
+
+
+def add_clock_args(p: argparse.ArgumentParser) -> None:
+    """--threads and --clock, the same in every training benchmark."""
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="cpu: time each step by the main thread's CPU time (needs --threads 1); on a shared, busy "
+                        "machine it counts the work done rather than the time spent waiting for a core")

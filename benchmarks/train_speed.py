@@ -27,7 +27,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from _clock import configure_clock
+from _clock import add_clock_args, configure_clock
 import torch.nn as nn
 
 from models.losses import distill_losses
@@ -53,10 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--blocks", type=int, default=8)
     p.add_argument("--block-runs", type=int, default=2)
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                   help="cpu: time each step by the main thread's CPU time (needs --threads 1); on a shared, busy "
-                        "machine it counts the work done rather than the time spent waiting for a core")
+    add_clock_args(p)
     p.add_argument("--bootstrap", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None)

@@ -169,10 +169,9 @@ class Runner:
         self.rd.remove_partial_files(work)  # temp files of a killed process: never part of an artifact
         marker.write_text(fp)
         from stages.lib.context import StageContext
-
-        inputs = {n: self.rd.stage_dir(n) for n, r in upstream.items() if r and r.get("status") == "done"}
         from stages.lib.training import resolve_device
 
+        inputs = {n: self.rd.stage_dir(n) for n, r in upstream.items() if r and r.get("status") == "done"}
         ctx = StageContext(name=name, out_dir=work, run_dir=self.rd.path, cfg=self.cfg, inputs=inputs,
                            input_records={n: r for n, r in upstream.items() if r}, force=force, log=self.log,
                            device=resolve_device(self.cfg.run.device))
@@ -191,10 +190,6 @@ class Runner:
                 raise PipelineError(f"stage {name!r} cannot run here: {e}") from None
             self.rd.write_skipped(name, record)
             return StageResult(name, "skipped", time.perf_counter() - t0, reason=str(e))
-        from stages.lib import dist
-
-        if dist.rank() != 0:
-            return StageResult(name, "done", time.perf_counter() - t0, metrics)
         marker.unlink(missing_ok=True)
         record.update(status="done", metrics=metrics, finished=_now(), duration_s=time.perf_counter() - t0)
         self.rd.commit(name, record)

@@ -60,7 +60,7 @@ def run_pipeline(cfg: PipelineConfig, run_dir: Path, *, from_stage: Optional[str
 def _run_torchrun(runner: Runner, name: str, nproc: int, force: bool, config_path, overrides, run_dir) -> StageResult:
     """Launch ``torchrun --nproc-per-node N -m pipeline.cli stage NAME`` (cached stages are not launched)."""
     spec = graph.get(name)
-    if not force and runner.state(spec) in ("done",):
+    if not force and runner.state(spec) == "done":
         rec = runner.rd.record(name) or {}
         return StageResult(name, "cached", metrics=rec.get("metrics", {}))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",

@@ -190,7 +190,7 @@ def fit(*, model: nn.Module, step: Callable, train, val, spec: TrainSpec, out_di
     ckpt = Checkpointer(out_dir / "ckpt", enabled=is_main)
     history: list[dict] = []
     start_epoch, best_top1, best_epoch = 0, -1.0, -1
-    state = ckpt.load() if is_main or (out_dir / "ckpt" / "last.pt").is_file() else None
+    state = ckpt.load()  # every rank reads the same file: resume works with any world size
     if state is not None:
         try:
             model.load_state_dict(state["model"])
