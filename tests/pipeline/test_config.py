@@ -73,3 +73,20 @@ def test_artifacts_are_written_with_normal_permissions(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~umask
+
+
+def test_interrupt_during_an_atomic_write_is_delivered_after_the_file_is_complete(tmp_path):
+    import os
+    import signal
+
+    from stages.lib.io import _atomic_replace
+
+    def write(f):
+        f.write(b"first half ")
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C in the middle of a checkpoint write
+        f.write(b"second half")
+
+    with pytest.raises(KeyboardInterrupt):
+        _atomic_replace(tmp_path / "ckpt.pt", write)
+    assert (tmp_path / "ckpt.pt").read_bytes() == b"first half second half"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
