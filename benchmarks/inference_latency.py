@@ -40,7 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--block-runs", type=int, default=5)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (1 = least noisy)")
-    p.add_argument("--band", type=float, default=0.05, help="verdict: CI inside 1 +- band")
+    p.add_argument("--band", type=float, default=0.02, help="verdict band: yes / no / inconclusive (docs/latency.md)")
     p.add_argument("--bootstrap", type=int, default=2000)
     p.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
                    help="verdict clock: thread CPU time (single-threaded only) or wall clock")
@@ -121,10 +121,9 @@ def print_cell(cell: dict, band: float, clock: str) -> None:
     used = "cpu" if clock == "cpu" and cell.get("cpu_comparisons") else "wall"
     comps = cell["cpu_comparisons" if used == "cpu" else "comparisons"]
     mv, aa = comps["merged_vs_vanilla"], comps["aa"]
-    yes = timing.verdict(mv["lo"], mv["hi"], band)
-    print(f"[{used} clock] merged/vanilla {_ci(mv)}   A/A (vanilla_b/vanilla, noise floor) {_ci(aa)}   "
-          f"inference cost unchanged (+-{band:.0%}): {'yes' if yes else 'no'}"
-          + ("" if timing.verdict(aa["lo"], aa["hi"], band) else "  [A/A outside the band: machine too noisy]"))
+    answer, reason = timing.decide(mv, band, control=aa, name="merged/vanilla")
+    print(f"[{used} clock] A/A (vanilla_b/vanilla, noise floor) {_ci(aa)}   "
+          f"inference cost unchanged (+-{band:.0%}): {answer}: {reason}")
 
 
 def main(argv: list[str] | None = None) -> None:

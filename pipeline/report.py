@@ -132,9 +132,12 @@ def build_summary(run: Run) -> dict:
     verify["passed"] = vjson.get("passed") if vjson else None
     export = _pick(m("export"), ("ort_max_abs_diff", "ort_max_rel_diff", "ort_parity_ok", "graph_identical", "opset",
                                  "exporter", "model_onnx_sha256"))
-    latency = _pick(m("benchmark"), ("verdict", "merged_vs_vanilla_ratio", "merged_vs_vanilla_lo", "merged_vs_vanilla_hi",
-                                     "aa_ratio", "aa_lo", "aa_hi", "aa_within_band", "band", "verdict_backend",
-                                     "verdict_batch", "verdict_clock", "structure_identical"))
+    latency = _pick(m("benchmark"), ("verdict", "verdict_reason", "verdict_power", "merged_vs_vanilla_ratio",
+                                     "merged_vs_vanilla_lo", "merged_vs_vanilla_hi", "aa_ratio", "aa_lo", "aa_hi",
+                                     "aa_within_band", "unmerged_verdict", "unmerged_vs_vanilla_ratio",
+                                     "unmerged_vs_vanilla_lo", "unmerged_vs_vanilla_hi", "band", "verdict_backend",
+                                     "verdict_batch", "verdict_clock", "verdict_rounds", "verdict_seconds",
+                                     "conditions_changed", "structure_identical"))
     b = m("bundle")
     bundle_dir = run.path / "bundle"
     bundle = {"path": str(bundle_dir / "bundle") if run.done("bundle") else None,
@@ -207,6 +210,8 @@ def terminal_summary(summary: dict):
     ver, lat = summary.get("verify") or {}, summary.get("latency") or {}
     ex, eng, b = summary.get("export") or {}, summary.get("engine") or {}, summary.get("bundle") or {}
     word = {True: "[green]yes[/]", False: "[red]no[/]", None: "[dim]n/a[/]"}
+    cost_word = {"yes": word[True], "no": word[False], "inconclusive": "[yellow]inconclusive[/]"}.get(lat.get("verdict"),
+                                                                                                 word[None])
     d = v["norm_vs_baseline_ce_pts"]
     rows = [("NORM helped", word[v["norm_helped"]], "baseline or distill not run" if d is None else
              f"{d:+.2f} pts top-1: NORM {fmt_pct(acc['norm_top1'])} vs student alone {fmt_pct(acc['baseline_ce_top1'])} "
@@ -214,9 +219,10 @@ def terminal_summary(summary: dict):
             ("merge exact", word[v["merge_exact"]], "verify not run" if not ver else
              f"fp32 max rel diff {fmt_sci(ver.get('fp32_max_rel_diff'))}, fp64 {fmt_sci(ver.get('fp64_max_rel_diff'))}, "
              f"top-1 agreement {fmt_pct(ver.get('top1_agreement'))}"),
-            ("cost unchanged", word[v["cost_unchanged"]], "benchmark not run" if lat.get("merged_vs_vanilla_ratio") is None
-             else f"merged/vanilla {fmt_ci(lat['merged_vs_vanilla_ratio'], lat['merged_vs_vanilla_lo'], lat['merged_vs_vanilla_hi'])}, "
-                  f"A/A {fmt_ci(lat.get('aa_ratio'), lat.get('aa_lo'), lat.get('aa_hi'))} ({lat.get('verdict_clock')} clock)")]
+            ("cost unchanged", cost_word, "benchmark not run" if lat.get("merged_vs_vanilla_ratio") is None
+             else f"{lat.get('verdict_reason') or ''}; A/A {fmt_ci(lat.get('aa_ratio'), lat.get('aa_lo'), lat.get('aa_hi'))} "
+                  f"({lat.get('verdict_clock')} clock)" + (f". {lat['verdict_power'][0].upper()}{lat['verdict_power'][1:]}"
+                                                           if lat.get("verdict_power") else ""))]
     if ex:
         rows.append(("ONNX parity", word[ex.get("ort_parity_ok")], f"onnxruntime max abs diff {fmt_sci(ex.get('ort_max_abs_diff'))}, "
                      f"graph identical to vanilla: {'yes' if ex.get('graph_identical') else 'no'}"))

@@ -180,21 +180,7 @@ def verdict_cards(run: Run, s: dict) -> list[dict]:
                              f"{fmt_pct(ver.get('top1_agreement'))} · params & FLOPs = vanilla: "
                              f"{'yes' if ver.get('params_equal') and ver.get('flops_equal') else 'no'}") if ver else "",
                   "note": run.note("verify")})
-    lat = s.get("latency") or {}
-    card = {"title": "Inference cost unchanged?", **_yes(v["cost_unchanged"]), "note": run.note("benchmark"),
-            "headline": "not measured yet", "detail": ""}
-    if lat.get("merged_vs_vanilla_ratio") is not None:
-        card.update(headline=f"merged / vanilla {fmt_ci(lat['merged_vs_vanilla_ratio'], lat['merged_vs_vanilla_lo'], lat['merged_vs_vanilla_hi'])}",
-                    detail=(f"95% CI must lie in 1 ± {lat['band']:.0%} · A/A control "
-                            f"{fmt_ci(lat['aa_ratio'], lat['aa_lo'], lat['aa_hi'])} · {lat['verdict_backend']}, batch "
-                            f"{lat['verdict_batch']}, {lat['verdict_clock']} clock · params/FLOPs/graph identical: "
-                            f"{'yes' if lat.get('structure_identical') else 'no'}"))
-        if lat.get("aa_within_band") is False:
-            card.update(state="warn", caveat="the A/A control is itself outside the band: this machine was too noisy "
-                                             "to resolve it; the structural identity is the proof")
-    elif lat.get("verdict") == "n/a":
-        card.update(headline="no backend timed merged and vanilla")
-    cards.append(card)
+    cards.append(cost_card(run, s))
     b = s.get("bundle") or {}
     cards.append({"title": "Edge bundle", **({"state": "yes", "text": "ready"} if b else {"state": "na", "text": "n/a"}),
                   "headline": f"bundle.tar.gz, {_bytes(b.get('tar_bytes'))}" if b.get("tar_sha256") else
@@ -202,6 +188,36 @@ def verdict_cards(run: Run, s: dict) -> list[dict]:
                   "detail": (f"{b.get('files')} files, {b.get('engines') or 0} TensorRT engine(s) · sha256 "
                              f"{b['tar_sha256'][:16]}…") if b.get("tar_sha256") else "", "note": run.note("bundle")})
     return cards
+
+
+def cost_card(run: Run, s: dict) -> dict:
+    """yes / no / inconclusive with its reason; structure is the proof, timing confirms it, the negative control
+    shows the benchmark's power."""
+    lat = s.get("latency") or {}
+    answer = lat.get("verdict")
+    state = {"yes": ("yes", "yes"), "no": ("no", "no"), "inconclusive": ("warn", "inconclusive")}.get(answer, ("na", "n/a"))
+    card = {"title": "Inference cost unchanged?", "state": state[0], "text": state[1], "note": run.note("benchmark"),
+            "headline": "not measured yet", "detail": ""}
+    if lat.get("merged_vs_vanilla_ratio") is not None:
+        rounds = f", {lat['verdict_rounds']} rounds" if lat.get("verdict_rounds") else ""
+        secs = f" in {lat['verdict_seconds']:.0f} s" if lat.get("verdict_seconds") is not None else ""
+        card.update(headline=f"merged / vanilla {fmt_ci(lat['merged_vs_vanilla_ratio'], lat['merged_vs_vanilla_lo'], lat['merged_vs_vanilla_hi'])}",
+                    detail=(f"Structure (the proof): ONNX graph, params and FLOPs identical to vanilla: "
+                            f"{'yes' if lat.get('structure_identical') else 'no'}. Timing (confirms it): "
+                            f"{lat.get('verdict_reason') or ''} · A/A control {fmt_ci(lat['aa_ratio'], lat['aa_lo'], lat['aa_hi'])} "
+                            f"· {lat['verdict_backend']}, batch {lat['verdict_batch']}, {lat['verdict_clock']} clock{rounds}{secs}"),
+                    power=lat.get("verdict_power"))
+        caveats = []
+        if answer == "inconclusive":
+            caveats.append("the timing did not decide; the structural identity above is the proof")
+        if lat.get("conditions_changed"):
+            caveats.append(f"the machine changed during the timing ({lat['conditions_changed']}); the paired "
+                           "per-round estimate tolerates that")
+        if caveats:
+            card["caveat"] = "; ".join(caveats)
+    elif answer == "n/a":
+        card.update(headline="no backend timed merged and vanilla")
+    return card
 
 
 def config_section(run: Run) -> list[tuple[str, str]]:

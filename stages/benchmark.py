@@ -1,11 +1,14 @@
 """Stage `benchmark`: is the merged NORM student's inference cost that of the vanilla student?
 
 Times vanilla, a second vanilla instance (the A/A control: its interval is the machine's noise floor),
-merged, unmerged (FT still in) and teacher, interleaved in ABBA blocks, on every available backend and
-batch size. The verdict comes from single-threaded onnxruntime at the largest batch (the least noisy
-setting here), by thread CPU time unless benchmark.verdict_clock=wall (wall clock is always reported too);
-multi-threaded, CUDA and TensorRT numbers are informational. Params, FLOPs and ONNX
-operator counts are recorded alongside: they are the proof, the timing confirms it.
+merged, unmerged (FT still in: the negative control, which must come out slower) and teacher, interleaved
+in counterbalanced rounds, on every available backend and batch size. Ratios are per-round paired
+estimates with bootstrap CIs (stages.lib.timing; the method is in docs/latency.md). The verdict comes from
+single-threaded onnxruntime at the largest batch, by thread CPU time unless benchmark.verdict_clock=wall;
+that cell adds rounds until its interval is narrow enough or benchmark.max_seconds are spent, and answers
+yes / no / inconclusive with a reason. Other cells are informational. Params, FLOPs and ONNX graph identity
+are recorded alongside: they are the proof, the timing confirms it. Every cell records the machine's
+conditions (stages.lib.conditions) and flags a change during the timing.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from stages.lib import timing
+from stages.lib import conditions, timing
 from stages.lib.context import StageContext
 from stages.lib.errors import PipelineError
 from stages.lib.io import atomic_write_text
@@ -34,8 +37,13 @@ COMPARISONS = (("merged_vs_vanilla", "merged", "vanilla"), ("aa", "vanilla_b", "
                ("unmerged_vs_vanilla", "unmerged", "vanilla"), ("teacher_vs_vanilla", "teacher", "vanilla"),
                ("fp16_vs_fp32", "merged_fp16", "merged_fp32"))
 VERDICT_BACKEND = "onnxruntime_cpu"
-NOISY = ("the A/A control's interval is itself outside the band: this machine is too noisy right now to resolve "
-         "the band; rerun when it is quiet or raise benchmark.blocks")
+VERDICT_KEYS = ("verdict", "verdict_reason", "verdict_power", "unmerged_verdict", "unmerged_reason", "verdict_backend",
+                "verdict_batch", "verdict_clock", "verdict_rounds", "verdict_seconds", "verdict_stopped", "band",
+                "aa_within_band", "conditions_changed")
+RULE = ("per round, log(merged block / vanilla block) ({clock} clock); Hodges-Lehmann estimate, 95% bootstrap CI over "
+        "rounds. 'yes': CI inside 1 ± {band}; 'no': CI entirely beyond one edge; 'inconclusive': anything else, or the "
+        "A/A control (vanilla_b/vanilla) not inside the band, or fewer than {min_rounds} rounds. Rounds are added until "
+        "the CI half-width is <= {half} and the A/A CI is inside 1 ± {half}, or {max_seconds:g} s are spent")
 
 
 @dataclass
@@ -255,16 +263,38 @@ def make_backends(ctx: StageContext, torch_models: dict, paths: dict, default_th
 
 # ----------------------------------------------------------------------------- measuring
 def measure_cell(backend: Backend, x: np.ndarray, *, warmup: int, blocks: int, block_runs: int,
-                 n_boot: int, seed: int) -> dict:
-    """One (backend, batch) cell: ABBA timing, a summary per model, COMPARISONS with bootstrap CIs."""
+                 n_boot: int, seed: int, on_round: Callable[[int], None] | None = None) -> dict:
+    """One informational (backend, batch) cell: ``blocks`` rounds, a summary per model, COMPARISONS with CIs."""
     return {"backend": backend.name, **timing.measure(backend.make(x), batch_size=len(x), pairs=COMPARISONS,
                                                       warmup=warmup, blocks=blocks, block_runs=block_runs,
-                                                      n_boot=n_boot, seed=seed)}
+                                                      n_boot=n_boot, seed=seed, on_round=on_round)}
+
+
+def measure_verdict_cell(backend: Backend, x: np.ndarray, *, warmup: int, min_rounds: int, block_runs: int,
+                         max_seconds: float, band: float, clock: str, n_boot: int, seed: int,
+                         on_round: Callable[[int], None] | None = None) -> dict:
+    """The verdict cell: rounds until merged/vanilla is resolved to +-band/2 with a quiet A/A, or time is up."""
+    cell = timing.measure_adaptive(backend.make(x), batch_size=len(x), pairs=COMPARISONS, target="merged_vs_vanilla",
+                                   control="aa", band=band, warmup=warmup, block_runs=block_runs, min_rounds=min_rounds,
+                                   max_seconds=max_seconds, n_boot=n_boot, seed=seed, clock=clock, on_round=on_round)
+    return {"backend": backend.name, **cell, "verdict_cell": True}
+
+
+def verdict_target(backends: list[Backend], batches: list[int]) -> tuple[str, int] | None:
+    """Single-threaded onnxruntime CPU at the largest batch, else the first backend timing merged and vanilla."""
+    names = [be.name for be in backends if be.name != "tensorrt"]  # TensorRT times the merged engines only
+    if not names or not batches:
+        return None
+    return (VERDICT_BACKEND if VERDICT_BACKEND in names else names[0]), max(batches)
 
 
 def pick_verdict_cell(cells: list[dict]) -> dict | None:
-    """Single-threaded onnxruntime CPU at its largest batch, else the first backend with the comparison."""
+    """The cell measured for the verdict; for older records: onnxruntime CPU at its largest batch, else the first
+    backend with the comparison."""
     ok = [c for c in cells if "merged_vs_vanilla" in c.get("comparisons", {})]
+    marked = [c for c in ok if c.get("verdict_cell")]
+    if marked:
+        return marked[0]
     for want in (VERDICT_BACKEND, None):
         chosen = [c for c in ok if want is None or c["backend"] == want]
         if chosen:
@@ -273,7 +303,38 @@ def pick_verdict_cell(cells: list[dict]) -> dict | None:
     return None
 
 
-def flat_metrics(cells: list[dict], vcell: dict | None, band: float, clock: str) -> dict:
+def _pct(band: float) -> str:
+    return f"{band:.0%}" if round(band * 100, 6) == round(band * 100) else f"{band:.1%}"
+
+
+def judge(comps: dict, band: float, adaptive: dict | None, unmerged_flops: float | None = None) -> dict:
+    """The three-valued verdict with its reason, the negative control's answer, and the power sentence."""
+    mv, aa, um = comps["merged_vs_vanilla"], comps["aa"], comps.get("unmerged_vs_vanilla")
+    answer, reason = timing.decide(mv, band, control=aa, name="merged/vanilla")
+    out: dict[str, Any] = {"aa_within_band": timing.verdict(aa["lo"], aa["hi"], band)}
+    if um is not None:
+        u_answer, u_reason = timing.decide(um, band, control=aa, name="unmerged/vanilla")
+        out.update(unmerged_verdict=u_answer, unmerged_reason=u_reason)
+        if answer == "yes" and u_answer == "yes" and unmerged_flops is not None and unmerged_flops > 1 + 2 * band:
+            answer, reason = "inconclusive", (f"the negative control came out equal to vanilla ({timing.fmt_ci(um)}) although "
+                                              f"it has {unmerged_flops - 1:+.0%} FLOPs: this timing does not see model cost")
+        if u_answer == "no":
+            detect = f"this benchmark detects the unmerged student's {um['ratio'] - 1:+.0%}"
+            found = {"yes": f"it finds merged = vanilla within ±{_pct(band)}",
+                     "no": f"it finds merged measurably {'slower' if mv['ratio'] > 1 else 'faster'} than vanilla "
+                           f"({mv['ratio'] - 1:+.1%})",
+                     "inconclusive": f"it could not resolve merged vs vanilla to ±{_pct(band)}"}[answer]
+            out["verdict_power"] = f"{detect}; {found}"
+        else:
+            out["verdict_power"] = f"the negative control (unmerged student, FT kept) was not resolved: {u_reason}"
+    if answer == "inconclusive" and adaptive and adaptive.get("stopped") == "time limit":
+        reason += (f" (after {adaptive['rounds']} rounds in {adaptive['seconds']:.0f} s: raise benchmark.max_seconds "
+                   "or rerun on a quieter machine)")
+    out.update(verdict=answer, verdict_reason=reason)
+    return out
+
+
+def flat_metrics(cells: list[dict], vcell: dict | None, band: float, clock: str, struct: dict | None = None) -> dict:
     """Ratios and verdict from the verdict cell by ``clock`` ("cpu" falls back to wall where absent)."""
     m: dict[str, Any] = {}
     if vcell is not None:
@@ -285,13 +346,19 @@ def flat_metrics(cells: list[dict], vcell: dict | None, band: float, clock: str)
         if used == "cpu":  # the wall-clock view of the same cell, next to it
             for label in ("merged_vs_vanilla", "aa"):
                 m.update({f"wall_{label}_{k}": vcell["comparisons"][label][k] for k in ("ratio", "lo", "hi")})
-        mv, aa = comps["merged_vs_vanilla"], comps["aa"]
-        m["verdict"] = "yes" if timing.verdict(mv["lo"], mv["hi"], band) else "no"
+        flops = (struct or {}).get("flops", {})
+        ratio = flops["unmerged"] / flops["vanilla"] if flops.get("unmerged") and flops.get("vanilla") else None
+        adaptive = vcell.get("adaptive")
+        m.update(judge(comps, band, adaptive, ratio))
         m["verdict_backend"], m["verdict_batch"], m["verdict_clock"] = vcell["backend"], vcell["batch"], used
-        m["aa_within_band"] = timing.verdict(aa["lo"], aa["hi"], band)
+        m["verdict_rounds"] = comps["merged_vs_vanilla"].get("rounds")
+        if adaptive:
+            m["verdict_seconds"], m["verdict_stopped"] = adaptive["seconds"], adaptive["stopped"]
     else:
-        m.update(verdict="n/a", verdict_backend=None)
+        m.update(verdict="n/a", verdict_backend=None, verdict_reason="no backend timed merged and vanilla")
     m["band"] = band
+    flags = [f"{c['backend']} batch {c['batch']}: {line}" for c in cells for line in c.get("conditions", {}).get("changed", [])]
+    m["conditions_changed"] = "; ".join(flags)
     for c in cells:
         for name, s in c.get("models", {}).items():
             m[f"{c['backend']}_b{c['batch']}_{name}_median_ms"] = s["median_ms"]
@@ -329,16 +396,19 @@ def latency_table(cells: list[dict], skipped: dict, metrics: dict, struct: dict)
     lines = ["# Inference latency", "", *rows, ""]
     lines += [f"- {b}: skipped: {why}" for b, why in skipped.items()]
     lines += [f"- params: {struct['params']}", f"- FLOPs per image: {struct['flops']}",
-              f"- merged vs vanilla identical: {struct['identical']}"]
+              f"- merged vs vanilla identical (the proof): {struct['identical']}"]
     if metrics.get("verdict_backend"):
+        rounds = f", {metrics['verdict_rounds']} rounds" if metrics.get("verdict_rounds") else ""
+        secs = f" in {metrics['verdict_seconds']:.0f} s" if metrics.get("verdict_seconds") is not None else ""
         lines.append(f"- **inference cost unchanged: {metrics['verdict']}** ({metrics['verdict_backend']}, batch "
-                     f"{metrics['verdict_batch']}, {metrics['verdict_clock']} clock: merged/vanilla {metrics['merged_vs_vanilla_ratio']:.3f} "
-                     f"[{metrics['merged_vs_vanilla_lo']:.3f}, {metrics['merged_vs_vanilla_hi']:.3f}], A/A noise floor "
-                     f"{metrics['aa_ratio']:.3f} [{metrics['aa_lo']:.3f}, {metrics['aa_hi']:.3f}], band +-{metrics['band']:.0%})")
-        if not metrics["aa_within_band"]:
-            lines.append(f"- note: {NOISY}")
+                     f"{metrics['verdict_batch']}, {metrics['verdict_clock']} clock{rounds}{secs}, band ±{_pct(metrics['band'])}): "
+                     f"{metrics['verdict_reason']}; A/A control {metrics['aa_ratio']:.3f} [{metrics['aa_lo']:.3f}, {metrics['aa_hi']:.3f}]")
+        if metrics.get("verdict_power"):
+            lines.append(f"- negative control: {metrics['verdict_power']}")
     else:
         lines.append("- inference cost unchanged: n/a (no backend timed merged and vanilla)")
+    if metrics.get("conditions_changed"):
+        lines.append(f"- conditions changed during the timing: {metrics['conditions_changed']}")
     return "\n".join(lines) + "\n"
 
 
@@ -384,23 +454,53 @@ def plot_latency(cells: list[dict], path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- the stage
-def time_cells(backends: list[Backend], inputs: dict[int, np.ndarray], c: Any, seed: int, default_threads: int) -> list[dict]:
+def time_cell(be: Backend, x: np.ndarray, c: Any, seed: int, *, verdict: bool, probe: conditions.Probe,
+              on_round: Callable[[int], None] | None = None) -> dict:
+    """One cell (adaptive when it is the verdict cell) with the conditions it ran under."""
+    mon = conditions.Monitor(probe=probe)
+    mon.start()
+
+    def tick(i: int) -> None:
+        mon.tick()
+        if on_round is not None:
+            on_round(i)
+
+    if verdict:
+        cell = measure_verdict_cell(be, x, warmup=c.warmup, min_rounds=c.blocks, block_runs=c.block_runs,
+                                    max_seconds=c.max_seconds, band=c.band, clock=c.verdict_clock,
+                                    n_boot=c.bootstrap, seed=seed, on_round=tick)
+    else:
+        cell = measure_cell(be, x, warmup=c.warmup, blocks=c.blocks, block_runs=c.block_runs, n_boot=c.bootstrap,
+                            seed=seed, on_round=tick)
+    cell["conditions"] = mon.finish()
+    return cell
+
+
+GPU_BACKENDS = ("torch_cuda", "onnxruntime_cuda", "onnxruntime_trt", "tensorrt")
+
+
+def time_cells(backends: list[Backend], inputs: dict[int, np.ndarray], c: Any, seed: int, default_threads: int,
+               device: str = "cpu") -> list[dict]:
     """Every (backend, batch) cell under one progress bar; a failing informational cell is recorded, not fatal."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    target = verdict_target(backends, list(inputs))
     cells: list[dict] = []
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   transient=True) as progress:
         task = progress.add_task("benchmark", total=len(backends) * len(inputs))
         for be in backends:
             torch.set_num_threads(c.threads if be.name == "torch_cpu" else default_threads)
+            probe = conditions.Probe(device=device if be.name in GPU_BACKENDS else "cpu")
             for b, x in inputs.items():
-                progress.update(task, description=f"{be.name} batch {b}")
+                label = f"{be.name} batch {b}" + (" (verdict)" if (be.name, b) == target else "")
+                progress.update(task, description=label)
                 try:
-                    cells.append(measure_cell(be, x, warmup=c.warmup, blocks=c.blocks, block_runs=c.block_runs,
-                                              n_boot=c.bootstrap, seed=seed))
+                    cells.append(time_cell(be, x, c, seed, verdict=(be.name, b) == target, probe=probe,
+                                           on_round=lambda i, label=label: progress.update(
+                                               task, description=f"{label}, round {i + 1}")))
                 except Exception as e:  # noqa: BLE001 - e.g. a batch outside a TensorRT profile
-                    if be.name in ("torch_cpu", VERDICT_BACKEND):
+                    if be.name in ("torch_cpu", VERDICT_BACKEND) or (be.name, b) == target:
                         raise
                     cells.append({"backend": be.name, "batch": b, "skipped": f"{type(e).__name__}: {e}"[:300]})
                 progress.advance(task)
@@ -416,24 +516,24 @@ def run(ctx: StageContext) -> dict:
     torch_models = load_torch_models(ctx, c.include_teacher)
     default_threads = torch.get_num_threads()
     struct = structure(torch_models, paths, shape)
+    graph_identical = ctx.input_metrics("export").get("graph_identical")  # the export stage's full graph comparison
+    if graph_identical is not None:
+        struct["identical"]["onnx_graph"] = bool(graph_identical)
     backends, skipped = make_backends(ctx, torch_models, paths, default_threads)
     rng = np.random.default_rng(ctx.cfg.run.seed)
     inputs = {b: rng.standard_normal((b, *shape)).astype(np.float32) for b in sorted(set(c.batch_sizes))}
     try:
-        cells = time_cells(backends, inputs, c, ctx.cfg.run.seed, default_threads)
+        cells = time_cells(backends, inputs, c, ctx.cfg.run.seed, default_threads, ctx.device)
     finally:
         torch.set_num_threads(default_threads)
         for be in backends:
             be.close()
     vcell = pick_verdict_cell(cells)
-    metrics = flat_metrics(cells, vcell, c.band, c.verdict_clock)
-    verdict = {k: metrics.get(k) for k in ("verdict", "verdict_backend", "verdict_batch", "verdict_clock", "band")}
+    metrics = flat_metrics(cells, vcell, c.band, c.verdict_clock, struct)
+    verdict = {k: metrics.get(k) for k in VERDICT_KEYS}
     if vcell is not None:
-        verdict["rule"] = (f"'yes' when the paired-bootstrap 95% CI of median(merged)/median(vanilla) block means "
-                           f"({metrics['verdict_clock']} clock) lies inside 1 +- {c.band}; the A/A control "
-                           "(vanilla_b/vanilla, same run) gives the noise floor")
-        if not metrics["aa_within_band"]:
-            verdict["note"] = NOISY
+        verdict["rule"] = RULE.format(clock=metrics["verdict_clock"], band=_pct(c.band), half=_pct(c.band / 2),
+                                      max_seconds=c.max_seconds, min_rounds=timing.MIN_DECIDE_ROUNDS)
     ctx.write_json("benchmark.json", {
         "config": c.model_dump(mode="json"), "input_shape": list(shape), "environment": environment(default_threads),
         "backends": {be.name: be.info for be in backends}, "skipped_backends": skipped, "structure": struct,
@@ -444,5 +544,5 @@ def run(ctx: StageContext) -> dict:
     for line in table.splitlines():
         ctx.log(line)
     metrics.update({f"{k}_{n}": v for k, d in (("params", struct["params"]), ("flops", struct["flops"])) for n, v in d.items()})
-    metrics["structure_identical"] = all(struct["identical"].values())
+    metrics["structure_identical"] = all(v for v in struct["identical"].values() if v is not None)
     return metrics

@@ -20,7 +20,7 @@ from stages.lib.io import sha256_file
 
 TINY = ["data.train_limit=128", "data.val_limit=64", "verify.fp64_samples=32", "teacher.model=resnet8", "student.model=resnet8", "distill.n=2", "data.eval_batch_size=64",
         *[f"{s}.{k}" for s in ("teacher", "baseline", "distill") for k in ("epochs=1", "batch_size=64", "lr=0.05")],
-        "export.parity_samples=32", "benchmark.blocks=2", "benchmark.block_runs=1", "benchmark.warmup=1",
+        "export.parity_samples=32", "benchmark.blocks=2", "benchmark.block_runs=1", "benchmark.warmup=1", "benchmark.max_seconds=1",
         "benchmark.batch_sizes=[1]", "benchmark.bootstrap=100", "benchmark.multithreaded=false",
         "benchmark.backends=[torch,onnxruntime]", "bundle.fp16_onnx=false"]
 
@@ -58,6 +58,7 @@ def test_run_writes_a_report_with_the_records_figures(run_dir):
         "merged/vanilla CI": f"{m['benchmark']['merged_vs_vanilla_ratio']:.3f} [{m['benchmark']['merged_vs_vanilla_lo']:.3f}, "
                              f"{m['benchmark']['merged_vs_vanilla_hi']:.3f}]",
         "A/A CI": f"{m['benchmark']['aa_ratio']:.3f} [{m['benchmark']['aa_lo']:.3f}, {m['benchmark']['aa_hi']:.3f}]",
+        "cost verdict reason": m["benchmark"]["verdict_reason"],
         "bundle tar sha256": m["bundle"]["tar_sha256"],
         "engine skip reason": rec["engine"]["reason"],
     }
@@ -100,12 +101,40 @@ def test_summary_json_matches_the_records(run_dir):
         assert s["export"][k] == m["export"][k]
     for k in ("merged_vs_vanilla_ratio", "merged_vs_vanilla_lo", "merged_vs_vanilla_hi", "aa_ratio", "verdict", "band"):
         assert s["latency"][k] == m["benchmark"][k]
-    assert s["verdicts"]["cost_unchanged"] is {"yes": True, "no": False}[m["benchmark"]["verdict"]]
+    assert s["verdicts"]["cost_unchanged"] is {"yes": True, "no": False}.get(m["benchmark"]["verdict"])
+    assert m["benchmark"]["verdict"] in ("yes", "no", "inconclusive")
+    for k in ("verdict_reason", "verdict_power", "unmerged_verdict", "verdict_rounds"):
+        assert s["latency"][k] == m["benchmark"][k]
     tar = run_dir / "bundle" / "bundle.tar.gz"
     assert s["bundle"]["tar"] == str(tar) and s["bundle"]["tar_sha256"] == m["bundle"]["tar_sha256"] == sha256_file(tar)
     assert s["engine"] == {"status": "skipped", "reason": rec["engine"]["reason"]}
     assert {n: st["status"] for n, st in s["stages"].items()} == {n: r["status"] for n, r in rec.items()}
     assert s["stages"]["verify"]["fingerprint"] == rec["verify"]["fingerprint"]
+
+
+def test_cost_verdict_with_reason_in_terminal_summary_and_status(run_dir, tiny_data_root):
+    """Three-valued: 2 rounds cannot decide, and every view says "inconclusive" with the same reason."""
+    import os
+
+    from click.testing import CliRunner
+    from rich.console import Console
+
+    from pipeline.cli import main
+    from pipeline.report import terminal_summary
+
+    m = _records(run_dir)["benchmark"]["metrics"]
+    assert m["verdict"] == "inconclusive" and "only 2 paired rounds" in m["verdict_reason"]
+    console = Console(width=400, record=True)
+    console.print(terminal_summary(json.loads((run_dir / "summary.json").read_text())))
+    row = next(ln for ln in console.export_text().splitlines() if ln.lstrip().startswith("cost unchanged"))
+    assert "inconclusive" in row and m["verdict_reason"] in row
+    env = {"COLUMNS": "400"}
+    args = ["status", "--run-dir", str(run_dir), "--set", f"data.root={tiny_data_root}"]
+    for o in TINY:
+        args += ["--set", o]
+    res = CliRunner().invoke(main, args, env={**os.environ, **env})
+    line = next(ln for ln in res.output.splitlines() if "benchmark" in ln)
+    assert "verdict=inconclusive" in line and m["verdict_reason"] in line, res.output
 
 
 def test_partial_run_renders_with_not_run_notes(run_dir, tmp_path):

@@ -38,23 +38,27 @@ def export_dir(upstream, tmp_path_factory) -> Path:
 
 
 def tiny_cfg(upstream, **bench):
-    settings = {"blocks": 2, "block_runs": 1, "warmup": 1, "batch_sizes": [1, 2], "bootstrap": 100, **bench}
+    settings = {"blocks": 10, "block_runs": 1, "warmup": 1, "batch_sizes": [1, 2], "bootstrap": 200, "max_seconds": 4.0,
+                **bench}
     return upstream["cfg"].model_copy(update={"benchmark": upstream["cfg"].benchmark.model_copy(update=settings)})
+
+
+def run_stage(upstream, export_dir: Path, out: Path, **bench):
+    from stages import benchmark
+    from stages.lib.context import StageContext
+
+    ins = {k: upstream[k] for k in ("data", "teacher", "distill", "merge")} | {"export": export_dir}
+    ctx = StageContext(name="benchmark", out_dir=out, run_dir=out.parent, cfg=tiny_cfg(upstream, **bench), inputs=ins,
+                       input_records={k: upstream["records"][k] for k in ins if k in upstream["records"]},
+                       log=lambda m: None)
+    metrics = benchmark.run(ctx)
+    return out, metrics, json.loads((out / "benchmark.json").read_text())
 
 
 @pytest.fixture(scope="module")
 def bench_run(upstream, export_dir, tmp_path_factory):
     """One full stage run, shared by the checks below (the stage is the slow part)."""
-    from stages import benchmark
-    from stages.lib.context import StageContext
-
-    out = tmp_path_factory.mktemp("benchmark")
-    ins = {k: upstream[k] for k in ("data", "teacher", "distill", "merge")} | {"export": export_dir}
-    ctx = StageContext(name="benchmark", out_dir=out, run_dir=out.parent, cfg=tiny_cfg(upstream), inputs=ins,
-                       input_records={k: upstream["records"][k] for k in ins if k in upstream["records"]},
-                       log=lambda m: None)
-    metrics = benchmark.run(ctx)
-    return out, metrics, json.loads((out / "benchmark.json").read_text())
+    return run_stage(upstream, export_dir, tmp_path_factory.mktemp("benchmark"))
 
 
 def test_writes_every_model_on_every_backend_and_batch(bench_run):
@@ -64,9 +68,11 @@ def test_writes_every_model_on_every_backend_and_batch(bench_run):
     assert {(c["backend"], c["batch"]) for c in timed} >= {(b, n) for b in ("torch_cpu", "onnxruntime_cpu") for n in (1, 2)}
     for c in timed:
         assert set(c["models"]) == models
+        rounds = c["adaptive"]["rounds"] if c.get("verdict_cell") else 10
         for s in c["models"].values():
-            assert s["n"] == 2 and len(s["block_means_ms"]) == 2
+            assert s["n"] == rounds and len(s["block_means_ms"]) == rounds
             assert 0 < s["min_ms"] <= s["median_ms"] <= s["p90_ms"] <= s["max_ms"]
+        assert c["conditions"]["before"]["loadavg"] is not None and "changed" in c["conditions"]
         assert {"merged_vs_vanilla", "aa", "unmerged_vs_vanilla", "teacher_vs_vanilla"} <= set(c["comparisons"])
         single_threaded = c["backend"] in ("torch_cpu", "onnxruntime_cpu")  # thread CPU time only where it is the cost
         assert ("cpu_comparisons" in c) is single_threaded and ("cpu" in c["models"]["merged"]) is single_threaded
@@ -79,11 +85,53 @@ def test_verdict_keys_and_backend(bench_run):
                 "aa_hi", "unmerged_vs_vanilla_ratio", "teacher_vs_vanilla_ratio"):
         assert isinstance(metrics[key], float) and metrics[key] > 0, key
     assert metrics["merged_vs_vanilla_lo"] <= metrics["merged_vs_vanilla_hi"]
-    assert metrics["verdict"] in ("yes", "no")
     assert metrics["verdict_backend"] == "onnxruntime_cpu" and metrics["verdict_batch"] == 2
     assert metrics["verdict_clock"] == "cpu" and metrics["wall_aa_lo"] <= metrics["wall_aa_hi"]
     assert report["verdict"]["verdict"] == metrics["verdict"]
     assert metrics["onnxruntime_cpu_b1_merged_median_ms"] > 0
+
+
+def test_verdict_is_the_rule_applied_to_the_recorded_intervals(bench_run):
+    """merged and vanilla are the same network: never "no"; the answer and reason follow from the verdict cell."""
+    from stages.lib import timing
+
+    _, metrics, report = bench_run
+    vcell = next(c for c in report["cells"] if c.get("verdict_cell"))
+    assert (vcell["backend"], vcell["batch"]) == ("onnxruntime_cpu", 2)
+    comps = vcell["cpu_comparisons"]
+    assert comps["merged_vs_vanilla"]["ratio"] == metrics["merged_vs_vanilla_ratio"]
+    assert comps["aa"]["hi"] == metrics["aa_hi"] and comps["unmerged_vs_vanilla"]["lo"] == metrics["unmerged_vs_vanilla_lo"]
+    band = metrics["band"]
+    answer, reason = timing.decide(comps["merged_vs_vanilla"], band, control=comps["aa"], name="merged/vanilla")
+    if metrics["verdict"] == "inconclusive" and answer != "inconclusive":  # only the negative-control guard may differ
+        assert "negative control" in metrics["verdict_reason"]
+    else:
+        assert (metrics["verdict"], metrics["verdict_reason"].split(" (after ")[0]) == (answer, reason)
+    assert metrics["verdict"] in ("yes", "inconclusive"), metrics["verdict_reason"]
+    assert metrics["unmerged_verdict"] == timing.decide(comps["unmerged_vs_vanilla"], band, control=comps["aa"])[0]
+    a = vcell["adaptive"]
+    assert metrics["verdict_rounds"] == a["rounds"] >= 10 and metrics["verdict_seconds"] == a["seconds"]
+    assert a["stopped"] in ("precision reached", "time limit") and a["target"] == "merged_vs_vanilla" and a["control"] == "aa"
+    assert report["verdict"]["verdict_reason"] == metrics["verdict_reason"]
+    informational = [c for c in report["cells"] if "models" in c and not c.get("verdict_cell")]
+    assert informational and all("adaptive" not in c for c in informational)
+
+
+def test_merged_file_of_known_higher_cost_gives_no(upstream, export_dir, tmp_path):
+    """Wiring with models of known, different cost: the export folder's model.onnx is the teacher (several times
+    the student's FLOPs). merged_vs_vanilla must see it (a pair table comparing vanilla_b with vanilla would not)."""
+    import shutil
+
+    swapped = tmp_path / "export"
+    shutil.copytree(export_dir, swapped)
+    shutil.copy(export_dir / "teacher.onnx", swapped / "model.onnx")
+    _, m, report = run_stage(upstream, swapped, tmp_path / "benchmark", batch_sizes=[4], backends=["onnxruntime"],
+                             multithreaded=False, include_teacher=True)
+    assert m["verdict"] == "no" and "slower" in m["verdict_reason"], m["verdict_reason"]
+    assert m["merged_vs_vanilla_lo"] > 1 + m["band"]
+    assert m["merged_vs_vanilla_ratio"] == pytest.approx(m["teacher_vs_vanilla_ratio"], rel=0.15)
+    assert m["aa_lo"] <= 1.0 + m["band"] and m["aa_hi"] >= 1.0 - m["band"]
+    assert "merged measurably slower" in m.get("verdict_power", "") or m["unmerged_verdict"] != "no"
 
 
 def test_structure_shows_identical_cost(bench_run):
@@ -149,8 +197,72 @@ def test_verdict_clock_chooses_cpu_or_wall_comparisons():
     cpu = flat_metrics([noisy_wall], noisy_wall, 0.05, "cpu")
     assert cpu["verdict"] == "yes" and cpu["verdict_clock"] == "cpu" and cpu["merged_vs_vanilla_hi"] == 1.008
     assert cpu["wall_merged_vs_vanilla_hi"] == 1.2
-    wall = flat_metrics([noisy_wall], noisy_wall, 0.05, "wall")
-    assert wall["verdict"] == "no" and wall["verdict_clock"] == "wall" and "wall_merged_vs_vanilla_hi" not in wall
+    wall = flat_metrics([noisy_wall], noisy_wall, 0.05, "wall")  # [0.85, 1.2]: too wide to say anything
+    assert wall["verdict"] == "inconclusive" and wall["verdict_clock"] == "wall" and "wall_merged_vs_vanilla_hi" not in wall
+
+
+def _fake_backend(costs: dict[str, float], noise: float = 0.01, seed: int = 0):
+    """A backend whose models have known costs (ms per item, CPU = wall), log-normal noise per run."""
+    import numpy as np
+
+    from stages.benchmark import Backend
+
+    rng = np.random.default_rng(seed)
+
+    def make(x):
+        def block_fn(cost: float):
+            def block(n: int) -> dict[str, list[float]]:
+                ms = [cost * len(x) * float(np.exp(rng.normal(0, noise))) for _ in range(n)]
+                return {"wall": ms, "cpu": ms}
+            return block
+        return {name: block_fn(c) for name, c in costs.items()}
+
+    return Backend("onnxruntime_cpu", {"informational": False}, make)
+
+
+@pytest.mark.parametrize("merged,vanilla_b,expected", [(1.10, 1.0, "no"), (1.0, 1.0, "yes"), (1.0, 1.05, "inconclusive")])
+def test_pair_table_wiring_with_fake_models_of_known_cost(upstream, merged, vanilla_b, expected):
+    """Each comparison must be computed on its own pair: with every model at a different known cost, a pair
+    table that compared vanilla_b (or anything else) in place of merged would give the wrong ratio and answer."""
+    import numpy as np
+
+    from stages.benchmark import flat_metrics, pick_verdict_cell, time_cells
+
+    costs = {"vanilla": 1.0, "vanilla_b": vanilla_b, "merged": merged, "unmerged": 1.35, "teacher": 3.0}
+    c = tiny_cfg(upstream).benchmark
+    cells = time_cells([_fake_backend(costs)], {1: np.zeros((1, 1, 28, 28), np.float32),
+                                                 4: np.zeros((4, 1, 28, 28), np.float32)}, c, 0, torch.get_num_threads())
+    vcell = pick_verdict_cell(cells)
+    assert vcell["batch"] == 4 and vcell["verdict_cell"] and not any(x.get("verdict_cell") for x in cells if x is not vcell)
+    struct = {"flops": {"vanilla": 100, "merged": 100, "unmerged": 135}}
+    m = flat_metrics(cells, vcell, 0.02, "cpu", struct)
+    for label, want in (("merged_vs_vanilla", merged), ("aa", vanilla_b), ("unmerged_vs_vanilla", 1.35),
+                        ("teacher_vs_vanilla", 3.0)):
+        assert m[f"{label}_ratio"] == pytest.approx(want, rel=0.01), label
+        assert m[f"{label}_lo"] <= m[f"{label}_ratio"] <= m[f"{label}_hi"]
+    assert m["verdict"] == expected, m["verdict_reason"]
+    assert m["unmerged_verdict"] == ("inconclusive" if vanilla_b != 1.0 else "no")
+    if expected == "yes":
+        assert m["verdict_power"] == "this benchmark detects the unmerged student's +35%; it finds merged = vanilla within ±2%"
+    if expected == "no":
+        assert "slower" in m["verdict_reason"] and "+10%" in m["verdict_reason"]
+    if expected == "inconclusive":
+        assert "A/A control" in m["verdict_reason"]
+
+
+def test_a_negative_control_that_shows_no_cost_voids_a_yes():
+    from stages.benchmark import judge
+
+    comps = {"merged_vs_vanilla": {"ratio": 1.0, "lo": 0.995, "hi": 1.005, "rounds": 40},
+             "aa": {"ratio": 1.0, "lo": 0.996, "hi": 1.004, "rounds": 40},
+             "unmerged_vs_vanilla": {"ratio": 1.001, "lo": 0.996, "hi": 1.006, "rounds": 40}}
+    j = judge(comps, 0.02, None, unmerged_flops=1.35)
+    assert j["verdict"] == "inconclusive" and "does not see model cost" in j["verdict_reason"]
+    assert j["unmerged_verdict"] == "yes" and "not resolved" in j["verdict_power"]
+    assert judge(comps, 0.02, None, unmerged_flops=1.01)["verdict"] == "yes"  # an FT too small to be seen: no claim
+    late = judge({**comps, "merged_vs_vanilla": {"ratio": 1.02, "lo": 1.0, "hi": 1.04, "rounds": 40}}, 0.02,
+                 {"stopped": "time limit", "rounds": 40, "seconds": 45.2})
+    assert late["verdict"] == "inconclusive" and "after 40 rounds in 45 s" in late["verdict_reason"]
 
 
 @pytest.mark.gpu

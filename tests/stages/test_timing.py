@@ -177,3 +177,177 @@ def test_measure_gives_summaries_and_only_the_comparisons_it_can():
     assert set(cell["comparisons"]) == {"aa", "slow_vs_ref"} and "cpu_comparisons" not in cell
     assert cell["comparisons"]["slow_vs_ref"]["ratio"] == pytest.approx(3.0, rel=0.05)
     assert cell["comparisons"]["aa"]["candidate"] == "twin" and cell["comparisons"]["aa"]["reference"] == "ref"
+
+
+# ----------------------------------------------------------------------------- the paired per-round estimator
+def _series(rounds: int, ratio: float, noise: float, seed: int, speed=lambda i: 1.0) -> tuple[list[float], list[float]]:
+    """Block means (ms) of a reference and a candidate ``ratio`` times as costly, timed back to back in each
+    round on a machine whose speed factor is ``speed(round)``; multiplicative log-normal noise per block."""
+    rng = np.random.default_rng(seed)
+    ref = [8.7 * speed(i) * float(np.exp(rng.normal(0, noise))) for i in range(rounds)]
+    cand = [8.7 * ratio * speed(i) * float(np.exp(rng.normal(0, noise))) for i in range(rounds)]
+    return ref, cand
+
+
+def _aa(lo: float = 0.995, hi: float = 1.005) -> dict:
+    return {"ratio": (lo + hi) / 2, "lo": lo, "hi": hi, "rounds": 40}
+
+
+def test_hodges_lehmann_is_the_median_of_walsh_averages():
+    x = np.random.default_rng(0).normal(size=15)
+    walsh = [(x[i] + x[j]) / 2 for i in range(15) for j in range(i, 15)]
+    assert timing.hodges_lehmann(x) == pytest.approx(float(np.median(walsh)))
+    assert timing.hodges_lehmann([1.0, 2.0, 100.0]) == pytest.approx(np.median([1, 1.5, 50.5, 2, 51, 100]))
+
+
+def test_paired_ratio_recovers_a_known_ratio_and_checks_inputs():
+    ref, cand = _series(60, 1.25, 0.01, seed=1)
+    for est in ("hl", "median"):
+        c = timing.paired_ratio(ref, cand, estimator=est)
+        assert c["lo"] < c["ratio"] < c["hi"] and c["lo"] < 1.25 < c["hi"], (est, c)
+        assert c["rounds"] == 60 and c["estimator"] == est
+    exact = timing.paired_ratio([2.0, 4.0, 8.0], [3.0, 6.0, 12.0], n_boot=100)  # every round 1.5x: no spread
+    assert exact["ratio"] == pytest.approx(1.5) and exact["lo"] == pytest.approx(1.5) and exact["hi"] == pytest.approx(1.5)
+    with pytest.raises(ValueError, match="equal"):
+        timing.paired_ratio([1.0, 2.0], [1.0])
+    with pytest.raises(ValueError, match="positive"):
+        timing.paired_ratio([1.0, 0.0], [1.0, 1.0])
+
+
+def test_step_change_of_speed_between_rounds_cancels():
+    """The machine speeds up by 18% for the last rounds (as seen on a fresh 2-core machine): the per-round
+    pairs cancel it; the ratio of medians over whole-run block means gives wider intervals from the same data."""
+    step = lambda i: 1.0 if i < 30 else 7.1 / 8.7  # noqa: E731
+    ref, cand = _series(40, 1.0, 0.01, seed=2, speed=step)
+    c = timing.paired_ratio(ref, cand)
+    answer, reason = timing.decide(c, 0.02, control=_aa(), name="merged/vanilla")
+    assert answer == "yes", reason
+    assert c["hi"] - c["lo"] < 0.02
+    new, old = [], []
+    for seed in range(20):  # 12 rounds, the last 3 faster: the case seen in the field
+        ref, cand = _series(12, 1.0, 0.01, seed=seed, speed=lambda i: 1.0 if i < 9 else 7.1 / 8.7)
+        p = timing.paired_ratio(ref, cand, n_boot=1000)
+        _, olo, ohi = timing.ratio_ci(ref, cand, n_boot=1000)
+        new.append(p["hi"] - p["lo"])
+        old.append(ohi - olo)
+        assert timing.decide(p, 0.02, control=_aa())[0] == "yes"
+    assert np.mean(old) > 1.3 * np.mean(new)
+    for seed in range(30):  # and never a "no", whichever rounds the step hits
+        ref, cand = _series(12 + seed % 20, 1.0, 0.02, seed=seed, speed=lambda i, s=seed: 1.0 if i < s % 9 + 3 else 0.8)
+        assert timing.decide(timing.paired_ratio(ref, cand), 0.02, control=_aa())[0] != "no"
+
+
+def test_constant_3pct_slowdown_is_no_once_enough_rounds_ran():
+    ref, cand = _series(200, 1.03, 0.02, seed=3)
+    c = timing.paired_ratio(ref, cand)
+    answer, reason = timing.decide(c, 0.02, control=_aa(), name="merged/vanilla")
+    assert answer == "no" and "slower" in reason and c["lo"] > 1.02, (c, reason)
+    faster = timing.paired_ratio(cand, ref)
+    assert timing.decide(faster, 0.02, control=_aa())[0] == "no" and "faster" in timing.decide(faster, 0.02)[1]
+    few = timing.paired_ratio(*_series(12, 1.03, 0.02, seed=3))  # too few rounds to resolve 1% from the edge
+    assert timing.decide(few, 0.02, control=_aa())[0] == "inconclusive"
+
+
+@pytest.mark.parametrize("noise", [0.005, 0.03, 0.10])
+def test_pure_noise_is_yes_or_inconclusive_never_no(noise):
+    """Identical models, noise per block from 0.5% to 10%; the A/A control is measured under the same noise."""
+    answers = Counter()
+    for seed in range(60):
+        n = 10 + seed % 31
+        ref, cand = _series(n, 1.0, noise, seed=100 + seed)
+        twin = _series(n, 1.0, noise, seed=1000 + seed)[1]  # vanilla_b: the same cost, its own noise
+        aa = timing.paired_ratio(ref, twin, n_boot=500)
+        answers[timing.decide(timing.paired_ratio(ref, cand, n_boot=500), 0.02, control=aa)[0]] += 1
+    assert answers["no"] == 0, answers
+    if noise == 0.005:
+        assert answers["yes"] == 60
+    if noise == 0.10:
+        assert answers["inconclusive"] > 0
+
+
+def test_aa_control_outside_the_band_makes_it_inconclusive():
+    inside = {"ratio": 1.0, "lo": 0.995, "hi": 1.005, "rounds": 40}
+    for control in (_aa(1.025, 1.04), _aa(0.97, 1.01), _aa(0.95, 1.05)):
+        answer, reason = timing.decide(inside, 0.02, control=control, name="merged/vanilla")
+        assert answer == "inconclusive" and "A/A" in reason
+    slow = {"ratio": 1.3, "lo": 1.28, "hi": 1.32, "rounds": 40}
+    assert timing.decide(slow, 0.02, control=_aa(1.025, 1.04))[0] == "inconclusive"
+    assert timing.decide(inside, 0.02, control=_aa()) == ("yes", "candidate/reference 1.000 [0.995, 1.005] lies inside 1 ± 2%")
+
+
+def test_decide_edges_and_too_few_rounds():
+    c = lambda lo, hi, n=40: {"ratio": (lo + hi) / 2, "lo": lo, "hi": hi, "rounds": n}  # noqa: E731
+    assert timing.decide(c(0.98, 1.02), 0.02)[0] == "yes"
+    assert timing.decide(c(1.01, 1.03), 0.02)[0] == "inconclusive"  # straddles the upper edge
+    assert timing.decide(c(0.96, 1.04), 0.02)[0] == "inconclusive"  # too wide
+    assert timing.decide(c(1.021, 1.05), 0.02)[0] == "no"
+    assert timing.decide(c(0.90, 0.979), 0.02)[0] == "no"
+    answer, reason = timing.decide(c(0.999, 1.001, n=4), 0.02)
+    assert answer == "inconclusive" and "4 paired rounds" in reason
+    for lo, hi in ((0.98, 1.02), (1.01, 1.03), (1.021, 1.05)):
+        assert "\n" not in timing.decide(c(lo, hi), 0.02)[1]
+
+
+# ----------------------------------------------------------------------------- adaptive length
+class Machine:
+    """Fake models on a fake clock whose speed can change (a step at ``step_at`` seconds), CPU-time noise."""
+
+    def __init__(self, noise: float = 0.01, step_at: float | None = None, step: float = 0.8, seed: int = 0):
+        self.t, self.noise, self.step_at, self.step = 0.0, noise, step_at, step
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self) -> float:
+        return self.t
+
+    def model(self, cost_ms: float):
+        def run() -> None:
+            speed = self.step if self.step_at is not None and self.t >= self.step_at else 1.0
+            self.t += cost_ms * 1e-3 * speed * float(np.exp(self.rng.normal(0, self.noise)))
+        return timing.timed_block(run, timer=self)
+
+
+PAIRS = (("merged_vs_vanilla", "merged", "vanilla"), ("aa", "vanilla_b", "vanilla"),
+         ("unmerged_vs_vanilla", "unmerged", "vanilla"))
+
+
+def _adaptive(m: Machine, merged: float, max_seconds: float = 60.0, min_rounds: int = 12, vanilla_b: float = 1.0) -> dict:
+    fns = {"vanilla": m.model(10.0), "vanilla_b": m.model(10.0 * vanilla_b), "merged": m.model(10.0 * merged),
+           "unmerged": m.model(13.5)}
+    return timing.measure_adaptive(fns, batch_size=32, pairs=PAIRS, target="merged_vs_vanilla", control="aa", band=0.02,
+                                   warmup=2, block_runs=5, min_rounds=min_rounds, max_seconds=max_seconds, n_boot=1000,
+                                   seed=0, clock="wall", timer=m)
+
+
+def test_adaptive_stops_when_precise_and_survives_a_step_change():
+    m = Machine(noise=0.03, step_at=3.0, step=0.8, seed=7)  # the machine gets 20% faster 3 s in
+    cell = _adaptive(m, merged=1.0)
+    a, comps = cell["adaptive"], cell["comparisons"]
+    assert a["stopped"] == "precision reached" and a["rounds"] >= 12 and a["rounds"] % 2 == 0
+    assert a["seconds"] > 3.0  # the step happened during the timing
+    mv = comps["merged_vs_vanilla"]
+    assert (mv["hi"] - mv["lo"]) / 2 <= 0.011 and mv["rounds"] == a["rounds"]
+    assert len(cell["models"]["merged"]["block_means_ms"]) == a["rounds"]
+    assert timing.decide(mv, 0.02, control=comps["aa"])[0] == "yes"
+    assert timing.decide(comps["unmerged_vs_vanilla"], 0.02, control=comps["aa"])[0] == "no"
+
+
+def test_adaptive_resolves_a_3pct_slowdown_given_time():
+    cell = _adaptive(Machine(noise=0.02, seed=8), merged=1.03, max_seconds=300.0)
+    comps = cell["comparisons"]
+    assert timing.decide(comps["merged_vs_vanilla"], 0.02, control=comps["aa"])[0] == "no", comps["merged_vs_vanilla"]
+
+
+def test_adaptive_honours_the_time_limit_and_the_minimum():
+    cell = _adaptive(Machine(noise=0.2, seed=9), merged=1.0, max_seconds=5.0)  # far too noisy for 5 s
+    a = cell["adaptive"]  # a round is ~0.22 s here; the clock is checked after every mirrored pair
+    assert a["stopped"] == "time limit" and 5.0 <= a["seconds"] < 5.6 and a["rounds"] > 12
+    quick = _adaptive(Machine(noise=0.2, seed=9), merged=1.0, max_seconds=0.01, min_rounds=13)
+    assert quick["adaptive"]["rounds"] == 14  # the minimum, rounded up to a whole mirrored pair
+
+
+def test_adaptive_keeps_going_while_the_aa_control_is_off():
+    """A/A off by 1.5%: inside the band for the verdict, but not inside band/2, so rounds go on until the time."""
+    cell = _adaptive(Machine(noise=0.005, seed=10), merged=1.0, max_seconds=10.0, vanilla_b=1.015)
+    assert cell["adaptive"]["stopped"] == "time limit"
+    comps = cell["comparisons"]
+    assert timing.decide(comps["merged_vs_vanilla"], 0.02, control=comps["aa"])[0] == "yes"
