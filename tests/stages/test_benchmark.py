@@ -125,8 +125,9 @@ def test_merged_file_of_known_higher_cost_gives_no(upstream, export_dir, tmp_pat
     swapped = tmp_path / "export"
     shutil.copytree(export_dir, swapped)
     shutil.copy(export_dir / "teacher.onnx", swapped / "model.onnx")
+    # a wide band: the point is which files are compared, not this (shared, busy) machine's resolution
     _, m, report = run_stage(upstream, swapped, tmp_path / "benchmark", batch_sizes=[4], backends=["onnxruntime"],
-                             multithreaded=False, include_teacher=True)
+                             multithreaded=False, include_teacher=True, band=0.25, block_runs=3)
     assert m["verdict"] == "no" and "slower" in m["verdict_reason"], m["verdict_reason"]
     assert m["merged_vs_vanilla_lo"] > 1 + m["band"]
     assert m["merged_vs_vanilla_ratio"] == pytest.approx(m["teacher_vs_vanilla_ratio"], rel=0.15)
@@ -228,22 +229,24 @@ def test_pair_table_wiring_with_fake_models_of_known_cost(upstream, merged, vani
 
     from stages.benchmark import flat_metrics, pick_verdict_cell, time_cells
 
-    costs = {"vanilla": 1.0, "vanilla_b": vanilla_b, "merged": merged, "unmerged": 1.35, "teacher": 3.0}
+    costs = {"vanilla": 1.0, "vanilla_b": vanilla_b, "merged": merged, "unmerged": 1.40, "teacher": 3.0}
     c = tiny_cfg(upstream).benchmark
     cells = time_cells([_fake_backend(costs)], {1: np.zeros((1, 1, 28, 28), np.float32),
                                                  4: np.zeros((4, 1, 28, 28), np.float32)}, c, 0, torch.get_num_threads())
     vcell = pick_verdict_cell(cells)
     assert vcell["batch"] == 4 and vcell["verdict_cell"] and not any(x.get("verdict_cell") for x in cells if x is not vcell)
-    struct = {"flops": {"vanilla": 100, "merged": 100, "unmerged": 135}}
+    struct = {"flops": {"vanilla": 100, "merged": 100, "unmerged": 140}}
     m = flat_metrics(cells, vcell, 0.02, "cpu", struct)
-    for label, want in (("merged_vs_vanilla", merged), ("aa", vanilla_b), ("unmerged_vs_vanilla", 1.35),
+    for label, want in (("merged_vs_vanilla", merged), ("aa", vanilla_b), ("unmerged_vs_vanilla", 1.40),
                         ("teacher_vs_vanilla", 3.0)):
         assert m[f"{label}_ratio"] == pytest.approx(want, rel=0.01), label
         assert m[f"{label}_lo"] <= m[f"{label}_ratio"] <= m[f"{label}_hi"]
     assert m["verdict"] == expected, m["verdict_reason"]
     assert m["unmerged_verdict"] == ("inconclusive" if vanilla_b != 1.0 else "no")
     if expected == "yes":
-        assert m["verdict_power"] == "this benchmark detects the unmerged student's +35%; it finds merged = vanilla within ±2%"
+        assert m["verdict_power"] == (f"this benchmark detects the unmerged student's "
+                                      f"{m['unmerged_vs_vanilla_ratio'] - 1:+.0%}; it finds merged = vanilla within ±2%")
+        assert m["verdict_power"].split("'s ")[1][:4] in ("+39%", "+40%", "+41%")
     if expected == "no":
         assert "slower" in m["verdict_reason"] and "+10%" in m["verdict_reason"]
     if expected == "inconclusive":

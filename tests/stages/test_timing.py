@@ -319,10 +319,10 @@ def _adaptive(m: Machine, merged: float, max_seconds: float = 60.0, min_rounds: 
 
 
 def test_adaptive_stops_when_precise_and_survives_a_step_change():
-    m = Machine(noise=0.03, step_at=3.0, step=0.8, seed=7)  # the machine gets 20% faster 3 s in
+    m = Machine(noise=0.08, step_at=3.0, step=0.8, seed=7)  # the machine gets 20% faster 3 s in
     cell = _adaptive(m, merged=1.0)
     a, comps = cell["adaptive"], cell["comparisons"]
-    assert a["stopped"] == "precision reached" and a["rounds"] >= 12 and a["rounds"] % 2 == 0
+    assert a["stopped"] == "precision reached" and a["rounds"] > 30 and a["rounds"] % 2 == 0  # 12 are far too few
     assert a["seconds"] > 3.0  # the step happened during the timing
     mv = comps["merged_vs_vanilla"]
     assert (mv["hi"] - mv["lo"]) / 2 <= 0.011 and mv["rounds"] == a["rounds"]
