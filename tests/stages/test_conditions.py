@@ -8,7 +8,7 @@ import pytest
 from stages.lib import conditions
 
 
-def fake_root(tmp_path: Path, *, stat: str = "cpu  100 0 50 800 10 0 0 0 0 0", mhz: tuple = (2000, 2000),
+def fake_root(tmp_path: Path, *, stat: str = "cpu  100 0 50 800 10 0 0 40 0 0", mhz: tuple = (2000, 2000),
               governor: str = "performance", load: str = "0.50 0.40 0.30 1/100 999", jetson: bool = False) -> Path:
     (tmp_path / "proc").mkdir(exist_ok=True)
     (tmp_path / "proc/cpuinfo").write_text("processor\t: 0\nmodel name\t: Fake CPU @ 2.00GHz\n")
@@ -39,7 +39,7 @@ def test_probe_reads_cpu_state(tmp_path):
     assert p.cpu_model() == "Fake CPU @ 2.00GHz"
     assert p.cpufreq() == {"governor": "performance", "mhz": 2000.0, "pinned": False}
     assert p.loadavg() == [0.5, 0.4, 0.3]
-    assert p.stat() == {"total": 960, "idle": 810, "steal": 0}
+    assert p.stat() == {"total": 1000, "idle": 810, "steal": 40}  # guest columns are inside user/nice already
     snap = p.snapshot()
     assert snap["gpu"] is None and snap["jetson"] is None  # CPU device, not a Jetson
 

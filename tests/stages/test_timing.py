@@ -340,7 +340,7 @@ def test_adaptive_resolves_a_3pct_slowdown_given_time():
 def test_adaptive_honours_the_time_limit_and_the_minimum():
     cell = _adaptive(Machine(noise=0.2, seed=9), merged=1.0, max_seconds=5.0)  # far too noisy for 5 s
     a = cell["adaptive"]  # a round is ~0.22 s here; the clock is checked after every mirrored pair
-    assert a["stopped"] == "time limit" and 5.0 <= a["seconds"] < 5.6 and a["rounds"] > 12
+    assert a["stopped"] == "time limit" and 5.0 <= a["seconds"] < 5.6 and a["rounds"] > 12 and a["rounds"] % 2 == 0
     quick = _adaptive(Machine(noise=0.2, seed=9), merged=1.0, max_seconds=0.01, min_rounds=13)
     assert quick["adaptive"]["rounds"] == 14  # the minimum, rounded up to a whole mirrored pair
 
@@ -351,3 +351,17 @@ def test_adaptive_keeps_going_while_the_aa_control_is_off():
     assert cell["adaptive"]["stopped"] == "time limit"
     comps = cell["comparisons"]
     assert timing.decide(comps["merged_vs_vanilla"], 0.02, control=comps["aa"])[0] == "yes"
+
+
+def test_adaptive_without_control_stops_on_the_targets_precision():
+    m = Machine(noise=0.06, seed=11)
+    fns = {"vanilla": m.model(10.0), "merged": m.model(10.0)}
+    cell = timing.measure_adaptive(fns, batch_size=1, pairs=PAIRS[:1], target="merged_vs_vanilla", control=None,
+                                   band=0.02, warmup=0, block_runs=5, min_rounds=10, max_seconds=600, n_boot=1000,
+                                   seed=0, clock="cpu", timer=m)  # no CPU clock here: falls back to wall
+    mv, a = cell["comparisons"]["merged_vs_vanilla"], cell["adaptive"]
+    assert a["stopped"] == "precision reached" and a["rounds"] > 30 and a["clock"] == "wall"
+    assert (mv["hi"] - mv["lo"]) / 2 <= 0.0105
+    with pytest.raises(ValueError, match="not one of the pairs"):
+        timing.measure_adaptive(fns, batch_size=1, pairs=PAIRS[:1], target="aa", control=None, band=0.02, warmup=0,
+                                block_runs=1, min_rounds=2, max_seconds=1, n_boot=100, seed=0)
