@@ -40,9 +40,11 @@ VERDICT_BACKEND = "onnxruntime_cpu"
 VERDICT_KEYS = ("verdict", "verdict_reason", "verdict_power", "unmerged_verdict", "unmerged_reason", "verdict_backend",
                 "verdict_batch", "verdict_clock", "verdict_rounds", "verdict_seconds", "verdict_stopped", "band",
                 "aa_within_band", "conditions_changed")
-RULE = ("per round, log(merged block / vanilla block) ({clock} clock); their median, 95% bootstrap CI over rounds. 'yes': CI inside 1 ± {band}; 'no': CI entirely beyond one edge; 'inconclusive': anything else, or the "
-        "A/A control (vanilla_b/vanilla) not inside the band, or fewer than {min_rounds} rounds. Rounds are added until "
-        "the CI half-width is <= {half} and the A/A CI is inside 1 ± {half}, or {max_seconds:g} s are spent")
+RULE = ("per round, log(merged block / vanilla block) ({clock} clock); their median, 95% bootstrap CI over rounds. "
+        "'yes': CI inside 1 ± {band}, and the A/A control's (vanilla_b/vanilla) too; 'no': CI entirely beyond one edge "
+        "and beyond the A/A's deviation from 1; 'inconclusive': anything else, or fewer than {min_rounds} rounds. "
+        "Rounds are added until the CI half-width is <= {half} and the A/A CI is inside 1 ± {half}, or {max_seconds:g} s "
+        "are spent")
 
 
 @dataclass

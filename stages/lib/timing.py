@@ -313,24 +313,27 @@ def decide(comp: Mapping, band: float, control: Mapping | None = None, name: str
            min_rounds: int = MIN_DECIDE_ROUNDS) -> tuple[str, str]:
     """Three answers, each with a one-line reason; never a false yes or no.
 
-    ``yes``: the CI lies inside 1 +- band. ``no``: the CI lies entirely beyond one edge of the band
-    (measurably slower or faster). ``inconclusive``: anything else, including an A/A ``control`` whose CI
-    is not inside the band (the machine's noise floor is above the band) and too few rounds.
+    ``yes``: the CI lies inside 1 +- band, and so does the A/A ``control``'s. ``no``: the CI lies entirely
+    beyond one edge of the band, and beyond the largest deviation from 1 the control showed (two copies of
+    one model never differ more than that, so a difference beyond it is real). ``inconclusive``: anything
+    else: too few rounds, a CI on the edge or too wide, or a "yes" that a noisy control cannot back.
     """
     pct = f"{band:.0%}" if round(band * 100, 6) == round(band * 100) else f"{band:.1%}"
     rounds = comp.get("rounds")
     if rounds is not None and rounds < min_rounds:
         return "inconclusive", f"only {rounds} paired rounds ({min_rounds} needed for an interval that means something)"
-    if control is not None and not verdict(control["lo"], control["hi"], band):
+    ci = f"{name} {fmt_ci(comp)}"
+    noise = max(abs(control["lo"] - 1), abs(control["hi"] - 1)) if control is not None else 0.0
+    edge = max(band, noise)
+    if comp["lo"] > 1 + edge:
+        return "no", f"{ci} lies above 1 + {pct}: measurably slower ({comp['ratio'] - 1:+.0%})"
+    if comp["hi"] < 1 - edge:
+        return "no", f"{ci} lies below 1 - {pct}: measurably faster ({comp['ratio'] - 1:+.0%})"
+    if control is not None and noise > band:
         return "inconclusive", (f"the A/A control {fmt_ci(control)} is not inside 1 ± {pct}: this machine's noise "
                                 f"floor was above the band during the run")
-    ci = f"{name} {fmt_ci(comp)}"
     if verdict(comp["lo"], comp["hi"], band):
         return "yes", f"{ci} lies inside 1 ± {pct}"
-    if comp["lo"] > 1 + band:
-        return "no", f"{ci} lies above 1 + {pct}: measurably slower ({comp['ratio'] - 1:+.0%})"
-    if comp["hi"] < 1 - band:
-        return "no", f"{ci} lies below 1 - {pct}: measurably faster ({comp['ratio'] - 1:+.0%})"
     return "inconclusive", f"{ci} is neither inside nor beyond 1 ± {pct}: the interval is too wide or on the edge"
 
 

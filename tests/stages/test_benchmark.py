@@ -239,16 +239,15 @@ def test_pair_table_wiring_with_fake_models_of_known_cost(upstream, merged, vani
     m = flat_metrics(cells, vcell, 0.02, "cpu", struct)
     for label, want in (("merged_vs_vanilla", merged), ("aa", vanilla_b), ("unmerged_vs_vanilla", 1.40),
                         ("teacher_vs_vanilla", 3.0)):
-        assert m[f"{label}_ratio"] == pytest.approx(want, rel=0.01), label
+        assert m[f"{label}_ratio"] == pytest.approx(want, rel=0.03), label  # 1.0 / 1.05 / 1.10 / 1.40 / 3.0 apart
         assert m[f"{label}_lo"] <= m[f"{label}_ratio"] <= m[f"{label}_hi"]
     assert m["verdict"] == expected, m["verdict_reason"]
-    assert m["unmerged_verdict"] == ("inconclusive" if vanilla_b != 1.0 else "no")
+    assert m["unmerged_verdict"] == "no"  # +40% is far beyond even a 5% A/A deviation
     if expected == "yes":
         assert m["verdict_power"] == (f"this benchmark detects the unmerged student's "
                                       f"{m['unmerged_vs_vanilla_ratio'] - 1:+.0%}; it finds merged = vanilla within ±2%")
-        assert m["verdict_power"].split("'s ")[1][:4] in ("+39%", "+40%", "+41%")
     if expected == "no":
-        assert "slower" in m["verdict_reason"] and "+10%" in m["verdict_reason"]
+        assert "measurably slower (+" in m["verdict_reason"] and m["merged_vs_vanilla_lo"] > 1.02
     if expected == "inconclusive":
         assert "A/A control" in m["verdict_reason"]
 
