@@ -403,7 +403,8 @@ def latency_table(cells: list[dict], skipped: dict, metrics: dict, struct: dict)
         secs = f" in {metrics['verdict_seconds']:.0f} s" if metrics.get("verdict_seconds") is not None else ""
         lines.append(f"- **inference cost unchanged: {metrics['verdict']}** ({metrics['verdict_backend']}, batch "
                      f"{metrics['verdict_batch']}, {metrics['verdict_clock']} clock{rounds}{secs}, band ±{_pct(metrics['band'])}): "
-                     f"{metrics['verdict_reason']}; A/A control {metrics['aa_ratio']:.3f} [{metrics['aa_lo']:.3f}, {metrics['aa_hi']:.3f}]")
+                     f"{metrics['verdict_reason']}" + ("" if "A/A" in metrics["verdict_reason"] else
+                     f"; A/A control {metrics['aa_ratio']:.3f} [{metrics['aa_lo']:.3f}, {metrics['aa_hi']:.3f}]"))
         if metrics.get("verdict_power"):
             lines.append(f"- negative control: {metrics['verdict_power']}")
     else:

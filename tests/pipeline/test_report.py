@@ -204,3 +204,28 @@ def test_engine_section_from_an_engine_stage_report(run_dir, tmp_path):
     s = json.loads((run / "summary.json").read_text())
     assert s["engine"]["status"] == "done" and s["engine"]["fp16_top1"] == metrics["fp16_top1"]
     assert s["engine"]["parity_ok"] is True
+
+
+def test_verdict_reliability_script_counts_answers_and_leaves_the_run_alone(run_dir, tmp_path, capsys):
+    import importlib.util
+    from collections import Counter
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "verdict_reliability.py"
+    spec = importlib.util.spec_from_file_location("verdict_reliability", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
+    out = tmp_path / "reliability.json"
+    tiny = ["blocks=2", "block_runs=1", "batch_sizes=[1]", "backends=[onnxruntime]", "multithreaded=false",
+            "max_seconds=0.5", "bootstrap=100", "include_teacher=false"]
+    rc = mod.main(["--run-dir", str(run_dir), "-k", "2", "--json", str(out), *[a for t in tiny for a in ("--set", f"benchmark.{t}")]])
+    d = json.loads(out.read_text())
+    assert len(d["runs"]) == 2 and rc == (0 if d["criteria_met"] else 1)
+    text = capsys.readouterr().out
+    for label, key in (("merged", "verdict"), ("unmerged", "unmerged_verdict")):
+        n = Counter(r[key] for r in d["runs"])
+        row = next(ln for ln in text.splitlines() if ln.strip("│┃ ").startswith(label + " "))
+        cells = [c.strip() for c in row.split("│") if c.strip()]
+        assert cells[1:4] == [f"{n['yes']}/2", f"{n['no']}/2", f"{n['inconclusive']}/2"], row
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()} == before
+    assert mod.main(["--run-dir", str(tmp_path / "nowhere")]) == 2
