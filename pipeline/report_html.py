@@ -211,8 +211,8 @@ def helped_card(run: Run, s: dict) -> dict:
         return {**card, "headline": "not measured yet", "detail": "needs the baseline and distill stages"}
     if n >= 2:
         return {**card, "headline": f"{fmt_mean_ci(sd['diff_pts'], signed=True)} pts top-1, {n} seeds",
-                "detail": (f"paired by seed (mean [95% CI]): NORM student {fmt_mean_ci(sd['norm_top1'], 100, '%')} vs the "
-                           f"same student trained alone {fmt_mean_ci(sd['baseline_ce_top1'], 100, '%')} · seeds "
+                "detail": (f"mean [95% CI] of the difference paired by seed; NORM student {fmt_mean_ci(sd['norm_top1'], 100, '%')} "
+                           f"vs the same student trained alone {fmt_mean_ci(sd['baseline_ce_top1'], 100, '%')} (mean ± 95% CI) · seeds "
                            f"{', '.join(map(str, sd['seeds']))} · this run's seed: {d:+.2f} pts"),
                 "caveat": sd["why"] if v["norm_helped"] == "inconclusive" else ""}
     return {**card, "headline": f"{d:+.2f} pts top-1, one seed",

@@ -56,7 +56,8 @@ def sweep_png(data: dict) -> Optional[str]:
         ax1.errorbar(x, y, yerr=e, color=color, marker="o", markersize=5, capsize=3, linewidth=1.8,
                      label=f"NORM{' · ' + rest if rest else ''}")
         y, e = pts("baseline_ce_top1", 100)
-        ax1.errorbar([v + 0.015 * span for v in x], y, yerr=e, color=color, marker="s", markersize=4, capsize=3,
+        ax1.errorbar([v + 0.015 * span for v in x], y, yerr=e, color=color if len(groups) > 1 else "#2563eb",
+                     marker="s", markersize=4, capsize=3,
                      linewidth=1.2, linestyle="--", markerfacecolor="white", alpha=0.85,
                      label=f"student alone{' · ' + rest if rest else ''}")
         y, e = pts("diff_pts", 1)
@@ -67,6 +68,8 @@ def sweep_png(data: dict) -> Optional[str]:
                 ax1.plot([xv], [c["norm_top1"]["mean"] * 100], marker="*", markersize=15, color="#f59e0b",
                          markeredgecolor="#92400e", zorder=5, linestyle="none", label="best")
     ax2.axhline(0.0, color="#9ca3af", linewidth=1)
+    lo, hi = ax1.get_ylim()
+    ax1.set_ylim(max(lo, 0.0), min(hi, 100.0))  # a CI bar past 0% or 100% is cut at the possible range
     one_seed = all(c["n"] < 2 for c in combos)
     xlabel = xkey or ""
     ax1.set(title="top-1 (%): mean ± 95% CI over seeds" + (" (one seed: no CI)" if one_seed else ""), xlabel=xlabel)
