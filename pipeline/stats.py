@@ -7,7 +7,7 @@ written with the regularised incomplete beta function (continued fraction, as in
 from __future__ import annotations
 
 import math
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Optional
 
 
 def _betacf(a: float, b: float, x: float) -> float:
@@ -118,12 +118,3 @@ def fmt_mean_ci(e: dict, scale: float = 1.0, unit: str = "", signed: bool = Fals
         return f"{m} [{e['lo'] * scale:+.{digits}f}, {e['hi'] * scale:+.{digits}f}]"
     return f"{m} ± {e['half'] * scale:.{digits}f}"
 
-
-def scaled(e: dict, scale: float) -> dict:
-    """The same estimate in other units (e.g. top-1 fractions -> percent)."""
-    return {k: (v * scale if isinstance(v, float) and k != "n" else v) for k, v in e.items()}
-
-
-def mean_or_none(xs: Sequence[Optional[float]]) -> Optional[float]:
-    vals = [x for x in xs if x is not None]
-    return sum(vals) / len(vals) if vals else None
