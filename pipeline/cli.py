@@ -80,14 +80,49 @@ def main() -> None:
 @click.option("--force", is_flag=True, help="re-run the selected stages even when cached")
 @click.option("--nproc", type=int, default=1, show_default=True,
               help="processes per host for the training stages (launches torchrun; gloo on CPU, nccl on CUDA)")
+@click.option("--seeds", default=None, metavar="S1,S2,...",
+              help="student seeds, e.g. 0,1,2: the run uses the first; baseline and distill are also trained for the "
+                   "others (teacher once) and 'NORM helped' reports the paired difference with its 95% CI")
 @guarded
-def run(config, run_dir, overrides, from_stage, to_stage, force, nproc) -> None:
+def run(config, run_dir, overrides, from_stage, to_stage, force, nproc, seeds) -> None:
     """Run the pipeline (or the --from/--to slice of it)."""
     from pipeline.session import run_pipeline
 
+    seed_list: tuple[int, ...] = ()
+    if seeds is not None:
+        from pipeline.seeds import parse_seeds, student_seed_override
+
+        seed_list = parse_seeds(seeds)
+        overrides = student_seed_override(overrides, seed_list[0])
     cfg, rd = _load(config, overrides, run_dir)
     run_pipeline(cfg, rd, from_stage=from_stage, to_stage=to_stage, force=force, nproc=nproc,
-                 config_path=config, overrides=overrides)
+                 config_path=config, overrides=overrides, seeds=seed_list)
+
+
+@main.command()
+@config_option
+@run_dir_option
+@set_option
+@click.option("--grid", "grid", multiple=True, metavar="SECTION.KEY=V1,V2,...",
+              help="a swept key and its values, e.g. --grid distill.n=2,4,8 (repeatable: every combination runs)")
+@click.option("--seeds", default=None, metavar="S1,S2,...",
+              help="student seeds per combination, e.g. 0,1,2 (default: the config's student seed)")
+@click.option("--to", "to_stage", default="distill", show_default=True, help="last stage of every combination")
+@click.option("--nproc", type=int, default=1, show_default=True,
+              help="processes per host for the training stages (launches torchrun; gloo on CPU, nccl on CUDA)")
+@guarded
+def sweep(config, run_dir, overrides, grid, seeds, to_stage, nproc) -> None:
+    """Run every combination of --grid values x --seeds under <run-dir>/sweep/ and compare them.
+
+    Finished stages are shared between combinations (a stage cache keyed by fingerprint): when only
+    student-side keys vary, the teacher trains once and the baseline once per seed. Writes sweep.json and
+    sweep.html (mean and 95% CI over seeds per combination); a killed sweep resumes, a repeated one is instant.
+    """
+    from pipeline.sweep import run_sweep
+
+    cfg, rd = _load(config, overrides, run_dir)
+    path = config if config is not None else (DEFAULT_CONFIG if Path(DEFAULT_CONFIG).is_file() else None)
+    run_sweep(cfg, rd, grid=grid, seeds=seeds, to_stage=to_stage, nproc=nproc, config_path=path, overrides=overrides)
 
 
 @main.command()

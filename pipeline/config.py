@@ -81,6 +81,9 @@ class TeacherCfg(TrainCfg):
 
 class StudentCfg(Section):
     model: str = "resnet8"
+    seed: Optional[int] = Field(None, ge=0, description="seed of the student side (baseline and distill: initial weights, "
+                                "data order); unset = run.seed. `run --seeds` and `sweep --seeds` vary it while the "
+                                "teacher keeps run.seed and is trained once")
 
 
 class BaselineCfg(TrainCfg):
@@ -183,6 +186,13 @@ class PipelineConfig(Section):
     engine: EngineCfg = Field(default_factory=EngineCfg)
     benchmark: BenchmarkCfg = Field(default_factory=BenchmarkCfg)
     bundle: BundleCfg = Field(default_factory=BundleCfg)
+
+    @model_validator(mode="after")
+    def _student_seed(self) -> "PipelineConfig":
+        """Resolve the student's seed here, so records and fingerprints always hold the seed that was used."""
+        if self.student.seed is None:
+            self.student.seed = self.run.seed
+        return self
 
     def section(self, path: str) -> Any:
         """Value at a dotted path ("distill" or "run.seed"), as plain JSON-able data."""

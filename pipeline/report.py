@@ -144,15 +144,17 @@ def build_summary(run: Run) -> dict:
               "tar": str(bundle_dir / "bundle.tar.gz") if b.get("tar_sha256") else None,
               **_pick(b, ("tar_sha256", "tar_bytes", "files", "bundle_bytes", "engines"))}
     cost = latency.get("verdict")
-    verdicts = {"norm_vs_baseline_ce_pts": deltas["norm_vs_baseline_ce_pts"],
-                "norm_helped": None if deltas["norm_vs_baseline_ce_pts"] is None else deltas["norm_vs_baseline_ce_pts"] > 0,
+    from pipeline.seeds import seed_summary
+
+    seeds = seed_summary(run)  # yes / no / inconclusive from the paired difference's CI over seeds
+    verdicts = {"norm_vs_baseline_ce_pts": deltas["norm_vs_baseline_ce_pts"], "norm_helped": seeds["verdict"],
                 "merge_exact": (vjson.get("passed") is True) if run.done("verify") else None,
                 "cost_unchanged": {"yes": True, "no": False}.get(cost) if cost else None}
     return {"run_dir": str(run.path), "generated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "norm_pipeline_version": __version__, "verdicts": verdicts, "accuracy": acc, "deltas": deltas,
             "verify": verify if run.done("verify") else None, "export": export if run.done("export") else None,
             "engine": _engine_summary(run), "latency": latency if run.done("benchmark") else None,
-            "bundle": bundle if run.done("bundle") else None, "stages": _stage_summary(run)}
+            "bundle": bundle if run.done("bundle") else None, "stages": _stage_summary(run), "seeds": seeds}
 
 
 def _engine_summary(run: Run) -> dict:
@@ -201,6 +203,22 @@ def fmt_sci(x: Optional[float]) -> str:
     return "—" if x is None else f"{x:.2e}"
 
 
+def helped_detail(summary: dict) -> str:
+    """The figures behind "NORM helped": the paired mean difference with its CI over seeds, or the one seed."""
+    from pipeline.stats import fmt_mean_ci
+
+    sd, acc = summary.get("seeds") or {}, summary["accuracy"]
+    d = summary["verdicts"]["norm_vs_baseline_ce_pts"]
+    if d is None:
+        return "baseline or distill not run"
+    if (sd.get("n") or 0) >= 2:
+        return (f"{fmt_mean_ci(sd['diff_pts'], signed=True)} pts top-1, paired over {sd['n']} seeds "
+                f"({', '.join(map(str, sd['seeds']))}): NORM {fmt_mean_ci(sd['norm_top1'], 100, '%')} vs student alone "
+                f"{fmt_mean_ci(sd['baseline_ce_top1'], 100, '%')} (mean ± 95% CI); {sd['why']}")
+    return (f"{d:+.2f} pts top-1: NORM {fmt_pct(acc['norm_top1'])} vs student alone "
+            f"{fmt_pct(acc['baseline_ce_top1'])} (teacher {fmt_pct(acc['teacher_top1'])}); {sd.get('why') or ''}")
+
+
 def terminal_summary(summary: dict):
     """A small rich table with the verdicts and the figures behind them (printed at the end of ``run``)."""
     from rich.table import Table
@@ -209,13 +227,10 @@ def terminal_summary(summary: dict):
     v, acc = summary["verdicts"], summary["accuracy"]
     ver, lat = summary.get("verify") or {}, summary.get("latency") or {}
     ex, eng, b = summary.get("export") or {}, summary.get("engine") or {}, summary.get("bundle") or {}
-    word = {True: "[green]yes[/]", False: "[red]no[/]", None: "[dim]n/a[/]"}
-    cost_word = {"yes": word[True], "no": word[False], "inconclusive": "[yellow]inconclusive[/]"}.get(lat.get("verdict"),
-                                                                                                 word[None])
-    d = v["norm_vs_baseline_ce_pts"]
-    rows = [("NORM helped", word[v["norm_helped"]], "baseline or distill not run" if d is None else
-             f"{d:+.2f} pts top-1: NORM {fmt_pct(acc['norm_top1'])} vs student alone {fmt_pct(acc['baseline_ce_top1'])} "
-             f"(teacher {fmt_pct(acc['teacher_top1'])})"),
+    word = {True: "[green]yes[/]", False: "[red]no[/]", None: "[dim]n/a[/]", "yes": "[green]yes[/]", "no": "[red]no[/]",
+            "inconclusive": "[yellow]inconclusive[/]"}
+    cost_word = word.get(lat.get("verdict"), word[None])
+    rows = [("NORM helped", word[v["norm_helped"]], helped_detail(summary)),
             ("merge exact", word[v["merge_exact"]], "verify not run" if not ver else
              f"fp32 max rel diff {fmt_sci(ver.get('fp32_max_rel_diff'))}, fp64 {fmt_sci(ver.get('fp64_max_rel_diff'))}, "
              f"top-1 agreement {fmt_pct(ver.get('top1_agreement'))}"),

@@ -165,14 +165,8 @@ def ratios_png(bench: dict, clock: str, band: float, verdict: tuple = ()) -> Opt
 
 # ----------------------------------------------------------------------------- sections
 def verdict_cards(run: Run, s: dict) -> list[dict]:
-    v, acc = s["verdicts"], s["accuracy"]
-    cards = []
-    d = v["norm_vs_baseline_ce_pts"]
-    cards.append({"title": "Did NORM help?", **_yes(v["norm_helped"]),
-                  "headline": f"{d:+.2f} pts top-1" if d is not None else "not measured yet",
-                  "detail": (f"NORM student {fmt_pct(acc['norm_top1'])} vs the same student trained alone "
-                             f"{fmt_pct(acc['baseline_ce_top1'])} (teacher {fmt_pct(acc['teacher_top1'])})") if d is not None
-                  else "needs the baseline and distill stages", "note": run.note("baseline", "distill")})
+    v = s["verdicts"]
+    cards = [helped_card(run, s)]
     ver = s.get("verify") or {}
     cards.append({"title": "Is the merge exact?", **_yes(v["merge_exact"]),
                   "headline": f"max rel diff {fmt_sci(ver.get('fp32_max_rel_diff'))} (fp32)" if ver else "not verified yet",
@@ -220,6 +214,42 @@ def cost_card(run: Run, s: dict) -> dict:
     return card
 
 
+def helped_card(run: Run, s: dict) -> dict:
+    """"Did NORM help?": yes / no / inconclusive from the paired difference over seeds (one seed: inconclusive)."""
+    from pipeline.stats import fmt_mean_ci
+
+    v, acc, sd = s["verdicts"], s["accuracy"], s.get("seeds") or {}
+    d, n = v["norm_vs_baseline_ce_pts"], sd.get("n") or 0
+    state = {"yes": {"state": "yes", "text": "yes"}, "no": {"state": "no", "text": "no"},
+             "inconclusive": {"state": "warn", "text": "inconclusive"}}.get(v["norm_helped"], {"state": "na", "text": "n/a"})
+    card = {"title": "Did NORM help?", **state, "note": run.note("baseline", "distill")}
+    if d is None:
+        return {**card, "headline": "not measured yet", "detail": "needs the baseline and distill stages"}
+    if n >= 2:
+        return {**card, "headline": f"{fmt_mean_ci(sd['diff_pts'], signed=True)} pts top-1, {n} seeds",
+                "detail": (f"mean [95% CI] of the difference paired by seed; NORM student {fmt_mean_ci(sd['norm_top1'], 100, '%')} "
+                           f"vs the same student trained alone {fmt_mean_ci(sd['baseline_ce_top1'], 100, '%')} (mean ± 95% CI) · seeds "
+                           f"{', '.join(map(str, sd['seeds']))} · this run's seed: {d:+.2f} pts"),
+                "caveat": sd["why"] if v["norm_helped"] == "inconclusive" else ""}
+    return {**card, "headline": f"{d:+.2f} pts top-1, one seed",
+            "detail": (f"NORM student {fmt_pct(acc['norm_top1'])} vs the same student trained alone "
+                       f"{fmt_pct(acc['baseline_ce_top1'])} (teacher {fmt_pct(acc['teacher_top1'])})"),
+            "caveat": sd.get("why", "")}
+
+
+def seeds_section(s: dict) -> Optional[dict]:
+    """Per-seed figures behind the verdict (only when there is more than one seed, or a seed folder was left out)."""
+    from pipeline.stats import fmt_mean_ci
+
+    sd = s.get("seeds") or {}
+    if (sd.get("n") or 0) < 2 and not sd.get("excluded"):
+        return None
+    rows = [{"seed": r["seed"], "dir": r["dir"], "norm": fmt_pct(r["norm_top1"]), "base": fmt_pct(r["baseline_ce_top1"]),
+             "diff": _delta(r["diff_pts"]), "up": r["diff_pts"] > 0, "down": r["diff_pts"] < 0} for r in sd.get("rows", [])]
+    return {"rows": rows, "norm": fmt_mean_ci(sd.get("norm_top1"), 100, "%"), "base": fmt_mean_ci(sd.get("baseline_ce_top1"), 100, "%"),
+            "diff": fmt_mean_ci(sd.get("diff_pts"), signed=True), "why": sd.get("why") or "", "excluded": sd.get("excluded", [])}
+
+
 def config_section(run: Run) -> list[tuple[str, str]]:
     c, data = run.cfg, run.metrics("data")
     residual = c("distill.residual", True)
@@ -235,7 +265,8 @@ def config_section(run: Run) -> list[tuple[str, str]]:
                         f"{c('distill.alpha')}·w(epoch)·NORM · T = {c('distill.temperature')}"),
             ("baseline", f"{c('baseline.epochs')} epochs · methods {', '.join(methods).upper()}"
                          + (f" · KD weight {c('baseline.kd_weight')}, T = {c('baseline.temperature')}" if "kd" in methods else "")),
-            ("run", f"device {c('run.device')} · seed {c('run.seed')}")]
+            ("run", f"device {c('run.device')} · seed {c('run.seed')}"
+                    + (f" · student seed {c('student.seed')}" if c("student.seed") not in (None, c("run.seed")) else ""))]
     return rows
 
 
@@ -379,7 +410,7 @@ def render(run: Run, summary: dict) -> str:
         "version": __version__, "versions": versions, "cards": verdict_cards(run, summary),
         "config_rows": config_section(run), "config_text": run.config_text,
         "curves": curves_png(run.histories()), "accuracy": accuracy_rows(run, summary),
-        "verify": verify_rows(run), "export": export_section(run), "engine": engine_section(run),
+        "verify": verify_rows(run), "export": export_section(run), "engine": engine_section(run), "seeds": seeds_section(summary),
         "latency": latency_section(run, summary), "bundle": bundle_section(run, summary), "stages": stage_rows(run),
         "teacher": run.cfg("teacher.model", "teacher"), "student": run.cfg("student.model", "student"),
         "dataset": run.cfg("data.dataset", "dataset"),

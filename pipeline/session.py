@@ -25,6 +25,8 @@ def _log(msg: str) -> None:
 
 
 def _describe(r: StageResult) -> str:
+    if r.status == "restored":
+        return "restored (stage cache)"
     if r.status == "cached":
         return "skipped (cached)"
     if r.status == "skipped":
@@ -34,8 +36,14 @@ def _describe(r: StageResult) -> str:
 
 def run_pipeline(cfg: PipelineConfig, run_dir: Path, *, from_stage: Optional[str] = None, to_stage: Optional[str] = None,
                  force: bool = False, nproc: int = 1, config_path: Optional[str] = None,
-                 overrides: tuple[str, ...] = ()) -> list[StageResult]:
+                 overrides: tuple[str, ...] = (), seeds: tuple[int, ...] = ()) -> list[StageResult]:
+    """Run the selected stages; with ``seeds`` (the first one is ``cfg``'s student seed), also baseline and
+    distill for every other seed under ``<run_dir>/seeds/``, sharing this run's teacher."""
     stages = select(from_stage, to_stage)  # a bad --from/--to fails before the run directory is touched
+    if len(seeds) > 1:
+        from pipeline.seeds import stages_through
+
+        stages_through(to_stage or graph.ORDER[-1])
     runner = Runner(cfg, run_dir, log=_log)
     runner.rd.lock()
     try:
@@ -50,6 +58,11 @@ def run_pipeline(cfg: PipelineConfig, run_dir: Path, *, from_stage: Optional[str
                 result = runner.run_stage(name, force=force)
             _log(f"{name}: {_describe(result)}")
             results.append(result)
+        if len(seeds) > 1:
+            from pipeline.seeds import run_seeds
+
+            console.rule(f"[bold]seeds[/] — baseline and distill for seeds {', '.join(map(str, seeds[1:]))}")
+            run_seeds(runner, seeds[1:], nproc=nproc, force=force, config_path=config_path, overrides=overrides, log=_log)
         print_results(runner, results)
         _write_report(runner)
         return results

@@ -18,7 +18,7 @@ def run(ctx: StageContext) -> dict:
     name = ctx.cfg.student.model
     metrics: dict = {}
     for method in c.methods:
-        p = T.prepare(ctx, c, ctx.cfg.run.seed)
+        p = T.prepare(ctx, c, ctx.cfg.student.seed)
         student = T.build(name, p.meta, "student.model")
         teacher = None
         if method == "kd":

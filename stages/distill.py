@@ -17,7 +17,7 @@ from stages.lib.context import StageContext
 def run(ctx: StageContext) -> dict:
     c = ctx.cfg.distill
     name = ctx.cfg.student.model
-    p = T.prepare(ctx, c, ctx.cfg.run.seed)
+    p = T.prepare(ctx, c, ctx.cfg.student.seed)
     teacher, tmeta = load_model(ctx.input("teacher") / "model.pt", "teacher checkpoint")
     teacher.to(p.device).eval().requires_grad_(False)
     if c.channels_last:
