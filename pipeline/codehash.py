@@ -17,6 +17,10 @@ from typing import Iterable, Optional
 CODE_ROOT = Path(__file__).resolve().parent.parent
 #: Top-level packages of this project: imports of anything else (torch, numpy) are not followed.
 PACKAGES = ("models", "stages", "pipeline")
+#: Modules a stage imports that are already in every fingerprint in another form, so hashing their code would
+#: only re-run every stage on any edit: the package version (``pipeline/__init__.py``) and the stage graph
+#: (``pipeline/graph.py``: a stage's own declarations are its fingerprint's config keys, inputs and code).
+NOT_FOLLOWED = ("pipeline", "pipeline.graph")
 
 
 class CodeIndex:
@@ -78,7 +82,7 @@ class CodeIndex:
                 parts = mod.split(".")
                 for i in range(1, len(parts) + 1):  # importing a.b.c runs a/__init__.py and a/b/__init__.py too
                     name = ".".join(parts[:i])
-                    if name in seen:
+                    if name in seen or name in NOT_FOLLOWED:
                         continue
                     path = self.module_file(name)
                     if path is None:

@@ -56,7 +56,7 @@ class ConfigView:
                 f"stage {self._owner!r} read config key {path!r}, which its spec does not declare; add it to the "
                 f"stage's config (if it changes the artifacts) or runtime_config in pipeline/graph.py")
         value = getattr(self._obj, name)
-        if hasattr(value, "model_fields"):  # a pydantic section: keep filtering below it
+        if hasattr(type(value), "model_fields"):  # a pydantic section: keep filtering below it
             return ConfigView(value, self._allowed, self._owner, path)
         return _frozen(value)
 

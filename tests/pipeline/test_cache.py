@@ -100,6 +100,7 @@ def test_each_stage_hashes_the_code_it_runs():
     assert "stages/bundle_files/README.md.tmpl" in files["bundle"]
     assert not any(f.startswith("stages/bundle_files/") for s in STAGES if s != "bundle" for f in files[s])
     assert "models/merge.py" in files["merge"] and "models/merge.py" not in files["teacher"]
+    assert not any("pipeline/graph.py" in f for f in files.values()), "editing the graph must not re-run every stage"
 
 
 def test_editing_code_only_the_engine_reaches_keeps_the_rest_cached(run_copy, code_copy, tiny_data_root):
@@ -263,17 +264,17 @@ def test_hash_cache_rereads_a_file_changed_right_after_it_was_hashed(tmp_path):
 
 
 # ----------------------------------------------------------------------------- `stage` refreshes the report
-def test_stage_command_refreshes_report_and_summary(run_copy, tiny_data_root):
+def test_stage_command_refreshes_report_and_summary(run_copy, tiny_data_root, tmp_path):
     from click.testing import CliRunner
 
     from pipeline.cli import main
+    from pipeline.config import dump_config
 
     for name in ("report.html", "summary.json"):
         (run_copy / name).unlink(missing_ok=True)
-    args = ["stage", "merge", "--force", "--run-dir", str(run_copy)]
-    for item in [f"data.root={tiny_data_root}", *TINY]:
-        args += ["--set", item]
-    res = CliRunner().invoke(main, args)
+    cfg_file = tmp_path / "tiny.yaml"
+    cfg_file.write_text(dump_config(_cfg(tiny_data_root)))
+    res = CliRunner().invoke(main, ["stage", "merge", "--force", "-c", str(cfg_file), "--run-dir", str(run_copy)])
     assert res.exit_code == 0, res.output
     summary = json.loads((run_copy / "summary.json").read_text())
     record = json.loads((run_copy / "merge" / "record.json").read_text())
