@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import re
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Optional
 
 #: The project's root folder (holding models/, stages/, pipeline/); tests point it at a copy.
 CODE_ROOT = Path(__file__).resolve().parent.parent
@@ -23,11 +24,28 @@ PACKAGES = ("models", "stages", "pipeline")
 NOT_FOLLOWED = ("pipeline", "pipeline.graph")
 
 
-class CodeIndex:
-    """Import closures and file hashes under one root, memoised for one invocation."""
+_IMPORT_MODULE = re.compile(rb"""import_module\(\s*["']([\w.]+)["']""")  # importlib.import_module("a.b")
 
-    def __init__(self, root: Optional[Path] = None):
+
+def _statements(body: list) -> Iterator[ast.AST]:
+    """Every statement, nested ones included (imports are statements; expressions need no visit: faster)."""
+    for node in body:
+        yield node
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.stmt, ast.excepthandler, ast.match_case)):
+                yield from _statements([child])
+
+
+class CodeIndex:
+    """Import closures and file hashes under one root, memoised for one invocation.
+
+    ``parsed`` (optional, persisted by the caller) maps a file's content hash and module name to the imports
+    found in it, so an unchanged file is not parsed again on the next call.
+    """
+
+    def __init__(self, root: Optional[Path] = None, parsed: Optional[dict[str, list[str]]] = None):
         self.root = Path(root) if root is not None else CODE_ROOT
+        self.parsed = parsed if parsed is not None else {}
         self._imports: dict[Path, set[str]] = {}
         self._closure: dict[str, tuple[Path, ...]] = {}
         self._hash: dict[tuple, str] = {}
@@ -48,13 +66,23 @@ class CodeIndex:
         """Project modules named by any import statement (or ``importlib.import_module("...")``) in ``path``."""
         if path in self._imports:
             return self._imports[path]
+        source = path.read_bytes()
+        key = f"{hashlib.sha256(source).hexdigest()}:{module}"
+        if key not in self.parsed:
+            self.parsed[key] = sorted(self._parse(source, path, module))
+        self._imports[path] = {m for m in self.parsed[key] if self.module_file(m) is not None}
+        return self._imports[path]
+
+    @staticmethod
+    def _parse(source: bytes, path: Path, module: str) -> set[str]:
         found: set[str] = set()
         try:
-            tree = ast.parse(path.read_bytes(), filename=str(path))
+            tree = ast.parse(source, filename=str(path))
         except (SyntaxError, ValueError):
             tree = None  # the stage fails when it imports this; its bytes are still hashed
         package = module if path.name == "__init__.py" else module.rpartition(".")[0]
-        for node in ast.walk(tree) if tree is not None else ():
+        found.update(m.decode() for m in _IMPORT_MODULE.findall(source))
+        for node in _statements(tree.body) if tree is not None else ():
             if isinstance(node, ast.Import):
                 found.update(alias.name for alias in node.names)
             elif isinstance(node, ast.ImportFrom):
@@ -66,11 +94,7 @@ class CodeIndex:
                 if base:
                     found.add(base)
                 found.update(f"{base}.{alias.name}" if base else alias.name for alias in node.names)
-            elif (isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) == "import_module"
-                  and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
-                found.add(node.args[0].value)
-        self._imports[path] = {m for m in found if self.module_file(m) is not None}
-        return self._imports[path]
+        return {m for m in found if m.split(".")[0] in PACKAGES}
 
     def closure(self, module: str) -> tuple[Path, ...]:
         """Every project file that importing and running ``module`` can execute, sorted."""

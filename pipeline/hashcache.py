@@ -18,6 +18,7 @@ from typing import Optional
 CACHE_NAME = ".hashes.json"
 RACY_NS = 2_000_000_000  # coarse-timestamp filesystems (FAT: 2 s) still get a tick between two writes
 _FORMAT = 1
+MAX_PARSED = 2000
 
 
 class HashCache:
@@ -27,6 +28,8 @@ class HashCache:
         self.path = Path(path) if path is not None else None
         self._entries: Optional[dict[str, list]] = None
         self._dirty = False
+        self.parsed: dict[str, list[str]] = {}  # imports per source file content (pipeline.codehash), kept alongside
+        self._parsed_at_load = 0
         self.hashed: list[str] = []  # files actually read in this invocation (tests and the benchmark check it)
 
     def _load(self) -> dict[str, list]:
@@ -37,9 +40,16 @@ class HashCache:
                     data = json.loads(self.path.read_text())
                     if data.get("format") == _FORMAT and isinstance(data.get("entries"), dict):
                         self._entries = data["entries"]
+                        self.parsed.update(data.get("parsed") or {})
+                        self._parsed_at_load = len(self.parsed)
                 except (OSError, ValueError, AttributeError):
                     pass  # a damaged cache is only a slower call
         return self._entries
+
+    def parsed_memo(self) -> dict[str, list[str]]:
+        """What parsing project sources found, by content (see pipeline.codehash.CodeIndex), loaded from disk."""
+        self._load()
+        return self.parsed
 
     def sha256(self, path: Path | str) -> str:
         """The file's sha256, read from disk only when its stat key changed (or the old hash was racy)."""
@@ -61,7 +71,9 @@ class HashCache:
 
     def save(self) -> None:
         """Write the trusted entries back (atomically); a read-only run directory just keeps no cache."""
-        if not self._dirty or self.path is None or self._entries is None:
+        if self._entries is None:
+            self._load()
+        if (not self._dirty and len(self.parsed) == self._parsed_at_load) or self.path is None:
             return
         from stages.lib.io import atomic_write_text
 
@@ -71,7 +83,8 @@ class HashCache:
                 keep[p] = [*e[:5], "disk", e[6]]
         try:
             if self.path.parent.is_dir():
-                atomic_write_text(self.path, json.dumps({"format": _FORMAT, "entries": keep}))
-                self._dirty = False
+                parsed = dict(list(self.parsed.items())[-MAX_PARSED:])  # old source versions age out
+                atomic_write_text(self.path, json.dumps({"format": _FORMAT, "entries": keep, "parsed": parsed}))
+                self._dirty, self._parsed_at_load = False, len(self.parsed)
         except OSError:
             pass

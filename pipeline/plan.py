@@ -54,7 +54,7 @@ class Plan:
 
     def __init__(self, cfg: PipelineConfig, rd: RunDir, env: Callable[[], dict], code: Optional[CodeIndex] = None):
         self.cfg, self.rd, self._env = cfg, rd, env
-        self.code = code or CodeIndex()
+        self.code = code or CodeIndex(parsed=rd.hashes.parsed_memo())
         self._memo: dict[tuple[str, str], object] = {}
 
     def _get(self, kind: str, name: str, make: Callable[[], object]):
@@ -87,7 +87,12 @@ class Plan:
         spec = graph.get(name)
         return self._get("fingerprint", name, lambda: fingerprint(  # type: ignore[return-value]
             spec, self.cfg, self.upstream(spec), self._env() if spec.environment else None,
-            code=self.code.code_hash(spec.module, spec.data_files), files=self.file_hashes(spec)))
+            code=self._code_hash(spec), files=self.file_hashes(spec)))
+
+    def _code_hash(self, spec: StageSpec) -> str:
+        code = self.code.code_hash(spec.module, spec.data_files)
+        self.rd.hashes.save()  # keeps what parsing the source found, for the next call
+        return code
 
     # ------------------------------------------------------------------ decision
     def state(self, name: str) -> str:

@@ -76,7 +76,7 @@ def _reaching(index: codehash.CodeIndex, rel: str) -> set[str]:
 
 
 # ----------------------------------------------------------------------------- code in the fingerprint
-def test_closure_follows_lazy_and_relative_imports_and_stays_in_the_project(tmp_path):
+def test_closure_follows_lazy_and_relative_imports_and_stays_in_the_project(tmp_path, monkeypatch):
     pkg = tmp_path / "stages"
     (pkg / "lib").mkdir(parents=True)
     (pkg / "__init__.py").write_text("")
@@ -90,6 +90,15 @@ def test_closure_follows_lazy_and_relative_imports_and_stays_in_the_project(tmp_
     got = set(index.relative(index.closure("stages.one")))
     assert got == {"stages/__init__.py", "stages/one.py", "stages/lib/__init__.py", "stages/lib/helper.py",
                    "stages/lib/deep.py", "stages/lib/lazy.py", "stages/lib/dyn.py"}
+    # what parsing found is kept by content: the next invocation parses only files that changed
+    again = codehash.CodeIndex(tmp_path, parsed=dict(index.parsed))
+    monkeypatch.setattr(codehash.CodeIndex, "_parse", staticmethod(lambda *a: pytest.fail("parsed again")))
+    assert again.code_hash("stages.one") == index.code_hash("stages.one")
+    (pkg / "lib" / "helper.py").write_text("from . import deep\nfrom . import unused\n")
+    monkeypatch.undo()
+    edited = codehash.CodeIndex(tmp_path, parsed=dict(index.parsed))
+    assert "stages/lib/unused.py" in edited.relative(edited.closure("stages.one"))
+    assert edited.code_hash("stages.one") != index.code_hash("stages.one")
 
 
 def test_each_stage_hashes_the_code_it_runs():
