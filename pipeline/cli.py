@@ -133,7 +133,9 @@ def sweep(config, run_dir, overrides, grid, seeds, to_stage, nproc) -> None:
 @click.option("--force", is_flag=True, help="re-run even when cached")
 @guarded
 def stage(name, config, run_dir, overrides, force) -> None:
-    """Run one stage NAME (its inputs must be done). Works under torchrun for training stages."""
+    """Run one stage NAME (its inputs must be current), then refresh report.html and summary.json.
+
+    Works under torchrun for training stages."""
     from pipeline.session import run_single
 
     cfg, rd = _load(config, overrides, run_dir)

@@ -76,7 +76,6 @@ class TrainCfg(Section):
 class TeacherCfg(TrainCfg):
     model: str = "resnet20"
     checkpoint: Optional[Path] = Field(None, description="import this state_dict instead of training")
-    pretrained: bool = Field(False, description="torchvision models: start from torchvision weights on disk")
 
 
 class StudentCfg(Section):
@@ -202,13 +201,20 @@ class PipelineConfig(Section):
         return obj.model_dump(mode="json") if isinstance(obj, BaseModel) else obj
 
 
+#: keys that existed once, with what to do instead (a clearer line than "unknown key")
+REMOVED_KEYS = {
+    "teacher.pretrained": "removed: no stage ever applied it; to start from existing weights set "
+                          "teacher.checkpoint to a state_dict file",
+}
+
+
 def _format_validation_error(e: ValidationError, source: str) -> str:
     parts = []
     for err in e.errors():
         loc = ".".join(str(p) for p in err["loc"])
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; `norm-pipeline config --defaults` lists every key)"
+            msg = REMOVED_KEYS.get(loc, "unknown key (check the spelling; `norm-pipeline config --defaults` lists every key)")
         parts.append(f"{loc}: {msg}")
     return f"invalid config ({source}): " + "; ".join(parts)
 

@@ -17,16 +17,27 @@ class StageSpec:
     help: str
     inputs: tuple[str, ...] = ()  # upstream stages that must be done
     optional_inputs: tuple[str, ...] = ()  # used when done, ignored when skipped/absent
-    config: tuple[str, ...] = ()  # config sections (dotted paths) in the fingerprint
+    config: tuple[str, ...] = ()  # config the stage reads that shapes its artifacts (dotted paths, fingerprinted)
     outputs: tuple[str, ...] = ()  # main files written (for `list` and the docs)
     environment: bool = False  # fingerprint also covers the GPU/TensorRT environment
     file_config: tuple[str, ...] = ()  # config paths naming files whose contents are inputs (sha256 in the fingerprint)
     distributed: bool = False  # may run under torchrun (training stages)
     key_metrics: tuple[str, ...] = field(default=())
+    # config the stage may read that changes how it runs, not what it makes (device, threads, eval batch):
+    # readable through ctx.cfg, left out of the fingerprint, so moving to a GPU does not re-train the teacher
+    runtime_config: tuple[str, ...] = ()
+    data_files: tuple[str, ...] = ()  # project files read at run time (templates), hashed with the stage's code
+
+    @property
+    def readable(self) -> tuple[str, ...]:
+        """Every config path the stage may read through ``ctx.cfg``."""
+        return self.config + self.runtime_config
 
     def load(self) -> Callable:
         return importlib.import_module(self.module).run
 
+
+_TRAINING_RUNTIME = ("run.device", "run.threads", "data.eval_batch_size", "data.num_workers")
 
 STAGES: tuple[StageSpec, ...] = (
     StageSpec("data", "stages.data", "load and describe the dataset (classes, sizes, mean/std, source hashes)",
@@ -34,33 +45,40 @@ STAGES: tuple[StageSpec, ...] = (
     StageSpec("teacher", "stages.teacher", "train the teacher with cross-entropy, or import a checkpoint",
               inputs=("data",), config=("teacher", "run.seed"), outputs=("model.pt", "history.csv"),
               file_config=("teacher.checkpoint",),
-              distributed=True, key_metrics=("top1", "top5")),
+              distributed=True, key_metrics=("top1", "top5"), runtime_config=_TRAINING_RUNTIME),
     StageSpec("baseline", "stages.baseline", "train the student alone (CE, optionally KD) with the distill budget",
               inputs=("data", "teacher"), config=("student", "baseline", "run.seed"),
-              outputs=("ce/model.pt", "kd/model.pt"), distributed=True, key_metrics=("ce_top1", "kd_top1")),
+              outputs=("ce/model.pt", "kd/model.pt"), distributed=True, key_metrics=("ce_top1", "kd_top1"),
+              runtime_config=_TRAINING_RUNTIME),
     StageSpec("distill", "stages.distill", "train the NORM student (FT after the last stage, N-to-one matching)",
               inputs=("data", "teacher"), config=("student", "distill", "run.seed"),
-              outputs=("norm_student.pt", "best.pt", "history.csv"), distributed=True, key_metrics=("top1", "best_top1")),
+              outputs=("norm_student.pt", "best.pt", "history.csv"), distributed=True, key_metrics=("top1", "best_top1"),
+              runtime_config=_TRAINING_RUNTIME),
     StageSpec("merge", "stages.merge", "fold the FT into the student's FC layer: the vanilla architecture again",
-              inputs=("distill",), config=("student", "merge"), outputs=("model.pt", "merge.json"),
+              inputs=("distill",), config=("merge",), outputs=("model.pt", "merge.json"),
               key_metrics=("params",)),
     StageSpec("verify", "stages.verify", "merged vs unmerged outputs (fp32 + fp64), top-1 agreement, params/FLOPs",
               inputs=("data", "distill", "merge"), config=("verify",), outputs=("verify.json",),
-              key_metrics=("fp32_max_rel_diff", "top1_agreement")),
+              key_metrics=("fp32_max_rel_diff", "top1_agreement"), runtime_config=("data.eval_batch_size",)),
     StageSpec("export", "stages.export", "ONNX export (dynamic batch), checker, onnxruntime parity, graph identity",
               inputs=("data", "teacher", "distill", "merge", "verify"), config=("export",),
               outputs=("model.onnx", "vanilla.onnx", "unmerged.onnx", "teacher.onnx", "export.json"),
-              key_metrics=("ort_max_abs_diff", "graph_identical")),
+              key_metrics=("ort_max_abs_diff", "graph_identical"), runtime_config=("data.eval_batch_size",)),
     StageSpec("engine", "stages.engine", "TensorRT engines (fp32/fp16) + sidecar JSON, parity and accuracy",
               inputs=("data", "export"), config=("engine",), outputs=("model_fp32.plan", "model_fp32.json"),
-              environment=True, key_metrics=("fp32_top1", "fp16_top1")),
+              environment=True, key_metrics=("fp32_top1", "fp16_top1"),
+              runtime_config=("data.eval_batch_size", "run.root")),  # run.root: where the shared timing cache lives
     StageSpec("benchmark", "stages.benchmark", "latency of vanilla / merged / unmerged / teacher on every backend",
               inputs=("data", "teacher", "distill", "merge", "export"), optional_inputs=("engine",),
-              config=("benchmark", "student", "run.seed"), outputs=("benchmark.json", "latency.md", "latency.png"),
+              config=("benchmark", "run.seed"), outputs=("benchmark.json", "latency.md", "latency.png"),
               environment=True, key_metrics=("verdict", "merged_vs_vanilla_ratio", "aa_ratio", "verdict_reason")),
     StageSpec("bundle", "stages.bundle", "the edge team's folder + .tar.gz: ONNX, engines, manifest, runners",
               inputs=("data", "distill", "merge", "verify", "export"), optional_inputs=("engine", "benchmark", "teacher", "baseline"),
-              config=("bundle",), outputs=("bundle/", "bundle.tar.gz"), key_metrics=("files",)),
+              # the manifest's trtexec lines repeat the engine profile, so those keys shape the bundle even when
+              # the engine stage was skipped (no TensorRT here)
+              config=("bundle", "engine.min_batch", "engine.opt_batch", "engine.max_batch", "engine.workspace_mb",
+                      "engine.optimization_level", "engine.hardware_compatibility", "student.model", "teacher.model"),
+              data_files=("stages/bundle_files",), outputs=("bundle/", "bundle.tar.gz"), key_metrics=("files",)),
 )
 
 BY_NAME: dict[str, StageSpec] = {s.name: s for s in STAGES}

@@ -12,8 +12,9 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
+from pipeline.hashcache import CACHE_NAME, HashCache
 from stages.lib.errors import PipelineError
 from stages.lib.io import atomic_write_text, sha256_file
 
@@ -24,6 +25,7 @@ class RunDir:
     def __init__(self, path: Path):
         self.path = Path(path)
         self._lock_fd: Optional[int] = None
+        self.hashes = HashCache(self.path / CACHE_NAME)  # an unchanged artifact is read once, not on every call
 
     # ------------------------------------------------------------------ folders
     def stage_dir(self, name: str) -> Path:
@@ -85,7 +87,8 @@ class RunDir:
         rec = self.record(name)
         if rec is None:
             return []
-        now = hash_tree(self.stage_dir(name))
+        now = hash_tree(self.stage_dir(name), self.hashes.sha256)
+        self.hashes.save()
         expected = rec.get("outputs", {})
         changed = [f for f, h in expected.items() if now.get(f) != h]
         extra = [f"{f} (unrecorded)" for f in now if f not in expected]
@@ -122,7 +125,7 @@ def is_partial(path: Path) -> bool:
     return path.name.endswith(".tmp") or (path.name.startswith(".") and ".tmp" in path.suffixes)
 
 
-def hash_tree(folder: Path) -> dict[str, str]:
+def hash_tree(folder: Path, sha256: Callable[[Path], str] = sha256_file) -> dict[str, str]:
     """sha256 of every file under ``folder`` (relative posix paths), the record and temp files excluded."""
     folder = Path(folder)
     if not folder.is_dir():
@@ -130,5 +133,5 @@ def hash_tree(folder: Path) -> dict[str, str]:
     out = {}
     for p in sorted(folder.rglob("*")):
         if p.is_file() and p.name != RECORD and not is_partial(p):
-            out[p.relative_to(folder).as_posix()] = sha256_file(p)
+            out[p.relative_to(folder).as_posix()] = sha256(p)
     return out

@@ -1,13 +1,13 @@
-"""Runs stages in graph order with caching: an unchanged fingerprint means "skipped (cached)".
+"""Runs stages in graph order with caching: a current stage (pipeline/plan.py decides) is "skipped (cached)".
 
-fingerprint = sha256(stage name, its config sections, its inputs' output hashes, the stage code's hash,
-the package version, and for GPU stages the TensorRT/CUDA/GPU environment).
+fingerprint = sha256(stage name, the config it declares, its inputs' output hashes, the hash of the code it
+runs (its import closure in this project, plus declared data files), the package version, and for GPU
+stages the TensorRT/CUDA/GPU environment). The rules for users are in docs/caching.md.
 """
 from __future__ import annotations
 
-import hashlib
+import importlib
 import importlib.util
-import json
 import platform
 import shutil
 import sys
@@ -20,6 +20,7 @@ from typing import Callable, Optional
 from pipeline import __version__, graph
 from pipeline.config import PipelineConfig, dump_config
 from pipeline.graph import StageSpec
+from pipeline.plan import CURRENT, Plan, fingerprint  # noqa: F401  (fingerprint: kept importable from here)
 from pipeline.rundir import RunDir
 from stages.lib.errors import PipelineError, StageSkipped
 from stages.lib.io import atomic_write_text
@@ -34,56 +35,11 @@ class StageResult:
     reason: str = ""
 
 
-_CODE_CACHE: dict[str, str] = {}
-
-
-def _code_hash(module: str) -> str:
-    """The stage's own module plus everything it can reach in this project (models/, stages/lib, bundle files).
-
-    Any change to that code invalidates the stage's cache: a cached artifact is always what today's code makes.
-    """
-    if module not in _CODE_CACHE:
-        root = Path(__file__).resolve().parent.parent
-        spec = importlib.util.find_spec(module)
-        files = [Path(spec.origin)] if spec and spec.origin else []
-        for folder in (root / "models", root / "stages" / "lib", root / "stages" / "bundle_files"):
-            files += sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in (".py", ".tmpl"))
-        h = hashlib.sha256()
-        for f in files:
-            h.update(f.name.encode())
-            h.update(f.read_bytes())
-        _CODE_CACHE[module] = h.hexdigest()[:16]
-    return _CODE_CACHE[module]
-
-
 def environment() -> dict:
     """What a GPU stage's output depends on beyond its inputs: TensorRT, CUDA, the GPU (no torch import)."""
     from stages.engine import environment_fingerprint
 
     return environment_fingerprint()
-
-
-def fingerprint(spec: StageSpec, cfg: PipelineConfig, upstream: dict[str, Optional[dict]], env: Optional[dict]) -> str:
-    payload = {
-        "stage": spec.name,
-        "version": __version__,
-        "code": _code_hash(spec.module),
-        "config": {path: cfg.section(path) for path in spec.config},
-        "inputs": {n: (r or {}).get("outputs") if (r or {}).get("status") == "done" else None
-                   for n, r in sorted(upstream.items())},
-        "environment": env if spec.environment else None,
-        "files": {path: _file_hash(cfg.section(path)) for path in spec.file_config},
-    }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _file_hash(path) -> Optional[str]:
-    """sha256 of a file named in the config (a swapped teacher checkpoint at the same path re-runs the stage)."""
-    if path is None or not Path(path).is_file():
-        return None
-    from stages.lib.io import sha256_file
-
-    return sha256_file(path)
 
 
 def versions() -> dict:
@@ -108,13 +64,14 @@ def versions() -> dict:
 
 
 class Runner:
-    """Executes stages of one run directory; ``log`` prints a line, ``on_result`` gets each result."""
+    """Executes stages of one run directory; ``log`` prints a line. One ``plan`` per runner decides what is current."""
 
     def __init__(self, cfg: PipelineConfig, run_dir: Path, log: Callable[[str], None] = print):
         self.cfg = cfg
         self.rd = RunDir(run_dir)
         self.log = log
         self._env: Optional[dict] = None
+        self.plan = Plan(cfg, self.rd, self.env)
 
     def env(self) -> dict:
         if self._env is None:
@@ -122,45 +79,65 @@ class Runner:
         return self._env
 
     def upstream_records(self, spec: StageSpec) -> dict[str, Optional[dict]]:
-        return {n: self.rd.record(n) for n in spec.inputs + spec.optional_inputs}
+        return self.plan.upstream(spec)
 
     def current_fingerprint(self, spec: StageSpec) -> str:
-        return fingerprint(spec, self.cfg, self.upstream_records(spec), self.env() if spec.environment else None)
+        return self.plan.fingerprint(spec.name)
 
     def state(self, spec: StageSpec) -> str:
-        """done | stale | skipped | missing | interrupted (for `status`)."""
-        rec = self.rd.record(spec.name)
-        if rec is None:
-            return "interrupted" if self.rd.work_dir(spec.name).exists() else "missing"
-        if rec.get("fingerprint") != self.current_fingerprint(spec):
-            return "stale"
-        if any(self.state(graph.get(n)) in ("stale", "missing", "interrupted") for n in spec.inputs):
-            return "stale"  # consistent with its inputs, but they are out of date themselves
-        return "skipped" if rec.get("status") == "skipped" else "done"
+        """done | skipped | stale | missing | interrupted | modified (see pipeline/plan.py)."""
+        return self.plan.state(spec.name)
+
+    def cached(self, name: str, force: bool = False, standalone: bool = False) -> Optional[StageResult]:
+        """The cached result when ``name`` need not run, else None: the one test `run`, `stage` and `--nproc` use."""
+        rec = self.plan.record(name)
+        if force or rec is None or not self.plan.is_current(name):
+            return None
+        if standalone and rec.get("status") == "skipped":
+            return None  # `stage X` asks again, so the user sees why it cannot run here
+        return StageResult(name, "cached", metrics=rec.get("metrics", {}), reason=rec.get("reason", ""))
+
+    def refresh(self, name: str) -> None:
+        """``name`` was (re)built by another process: forget what the plan knew about it and its dependents."""
+        self.plan.invalidate(name)
+
+    def check_inputs(self, spec: StageSpec) -> None:
+        """Refuse to build on inputs that are missing, skipped, tampered with or out of date."""
+        name = spec.name
+        for dep in spec.inputs + spec.optional_inputs:
+            rec = self.plan.record(dep)
+            if rec is None:
+                if dep in spec.optional_inputs:
+                    continue
+                raise PipelineError(f"stage {name!r} needs stage {dep!r}, which has not run in {self.rd.path}; "
+                                    f"run `norm-pipeline stage {dep}` (or `norm-pipeline run --to {name}`)")
+            if rec.get("status") != "done":
+                if dep in spec.optional_inputs:
+                    continue
+                raise PipelineError(f"stage {name!r} needs stage {dep!r}, which was skipped: {rec.get('reason', '')}")
+            state = self.plan.state(dep)
+            if state == "modified":  # provenance: read only what the records vouch for
+                changed = self.plan.modified(dep)
+                raise PipelineError(f"stage {name!r} reads {dep}/{changed[0]}, which no longer matches the record of "
+                                    f"stage {dep!r} (modified, corrupt or deleted); re-run it: `norm-pipeline stage {dep}` "
+                                    "(or `norm-pipeline run`)")
+            if state not in CURRENT:
+                raise PipelineError(f"stage {name!r} needs stage {dep!r}, which is {state}: its config, code or inputs "
+                                    f"changed since it ran; run `norm-pipeline run --from {dep} --to {name}` "
+                                    "(`norm-pipeline status` shows what is out of date)")
 
     # ------------------------------------------------------------------ running
     def run_stage(self, name: str, force: bool = False, standalone: bool = False) -> StageResult:
         spec = graph.get(name)
         upstream = self.upstream_records(spec)
-        for dep in spec.inputs:
-            rec = upstream[dep]
-            if rec is None:
-                raise PipelineError(f"stage {name!r} needs stage {dep!r}, which has not run in {self.rd.path}; "
-                                    f"run `norm-pipeline stage {dep}` (or `norm-pipeline run --to {name}`)")
-            if rec.get("status") != "done":
-                raise PipelineError(f"stage {name!r} needs stage {dep!r}, which was skipped: {rec.get('reason', '')}")
-        fp = fingerprint(spec, self.cfg, upstream, self.env() if spec.environment else None)
-        rec = self.rd.record(name)
-        if rec and rec.get("fingerprint") == fp and not force and not self.rd.modified_files(name):
-            if not (standalone and rec.get("status") == "skipped"):
-                return StageResult(name, "cached", metrics=rec.get("metrics", {}), reason=rec.get("reason", ""))
-
-        for dep in spec.inputs + spec.optional_inputs:  # provenance: read only what the records vouch for
-            changed = self.rd.modified_files(dep) if (upstream[dep] or {}).get("status") == "done" else []
-            if changed:
-                raise PipelineError(f"stage {name!r} reads {dep}/{changed[0]}, which no longer matches the record of "
-                                    f"stage {dep!r} (modified, corrupt or deleted); re-run it: `norm-pipeline stage {dep}` "
-                                    "(or `norm-pipeline run`)")
+        for dep in spec.inputs:  # the cheap checks first: a missing input needs no hashing to report
+            if upstream[dep] is None or upstream[dep].get("status") != "done":
+                self.check_inputs(spec)
+        hit = self.cached(name, force=force, standalone=standalone)
+        if hit is not None:
+            return hit
+        self.check_inputs(spec)
+        fp = self.plan.fingerprint(name)
         work = self.rd.work_dir(name)
         marker = work / ".fingerprint"
         if work.exists() and (force or not marker.is_file() or marker.read_text() != fp):
@@ -179,6 +156,7 @@ class Runner:
         t0 = time.perf_counter()
         record = {"stage": name, "fingerprint": fp, "started": started.isoformat(), "versions": versions(),
                   "config": {p: self.cfg.section(p) for p in spec.config},
+                  "code": self.plan.code.relative(self.plan.code.files(spec.module, spec.data_files)),
                   "inputs": {n: {"fingerprint": r.get("fingerprint"), "outputs": r.get("outputs")}
                              for n, r in upstream.items() if r},
                   "environment": self.env() if spec.environment else None}
@@ -189,10 +167,12 @@ class Runner:
             if standalone:
                 raise PipelineError(f"stage {name!r} cannot run here: {e}") from None
             self.rd.write_skipped(name, record)
+            self.plan.invalidate(name)
             return StageResult(name, "skipped", time.perf_counter() - t0, reason=str(e))
         marker.unlink(missing_ok=True)
         record.update(status="done", metrics=metrics, finished=_now(), duration_s=time.perf_counter() - t0)
         self.rd.commit(name, record)
+        self.plan.invalidate(name)
         return StageResult(name, "done", time.perf_counter() - t0, metrics)
 
     def save_config(self) -> None:

@@ -72,10 +72,10 @@ def run_pipeline(cfg: PipelineConfig, run_dir: Path, *, from_stage: Optional[str
 
 def _run_torchrun(runner: Runner, name: str, nproc: int, force: bool, config_path, overrides, run_dir) -> StageResult:
     """Launch ``torchrun --nproc-per-node N -m pipeline.cli stage NAME`` (cached stages are not launched)."""
-    spec = graph.get(name)
-    if not force and runner.state(spec) == "done":
-        rec = runner.rd.record(name) or {}
-        return StageResult(name, "cached", metrics=rec.get("metrics", {}))
+    hit = runner.cached(name, force=force)  # the same decision (tamper check included) as a plain `run`
+    if hit is not None:
+        return hit
+    runner.check_inputs(graph.get(name))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "pipeline.cli", "stage", name, "--run-dir", str(run_dir)]
     if config_path:
@@ -88,6 +88,7 @@ def _run_torchrun(runner: Runner, name: str, nproc: int, force: bool, config_pat
     proc = subprocess.run(cmd, env=env)
     if proc.returncode != 0:
         raise PipelineError(f"stage {name} failed under torchrun with {nproc} processes (exit {proc.returncode}); see the output above")
+    runner.refresh(name)
     rec = runner.rd.record(name) or {}
     return StageResult(name, "done", rec.get("duration_s", 0.0), rec.get("metrics", {}))
 
@@ -119,6 +120,7 @@ def run_single(cfg: PipelineConfig, run_dir: Path, name: str, *, force: bool = F
             _log(f"{name}: {_describe(result)}")
             if result.metrics:
                 print_results(runner, [result])
+            _write_report(runner)  # report.html / summary.json follow every stage, as after `run`
         return result
     finally:
         # followers still waiting (cached stage, or an error before training began) go home without running
@@ -197,15 +199,13 @@ def print_status(cfg: PipelineConfig, run_dir: Path) -> list[str]:
         table.add_column(col)
     colors = {"done": "green", "stale": "yellow", "skipped": "cyan", "missing": "dim", "interrupted": "red"}
     for spec in graph.STAGES:
-        state = runner.state(spec)
-        rec = runner.rd.record(spec.name) or {}
+        state = runner.plan.state(spec.name)  # the plan `run` uses: same answer, each artifact hashed once
+        rec = runner.plan.record(spec.name) or {}
         m = rec.get("metrics", {})
         info = ", ".join(f"{k}={_fmt(m[k])}" for k in spec.key_metrics if k in m) or rec.get("reason", "")
-        modified = runner.rd.modified_files(spec.name)
-        if modified:
+        if state == "modified":
             tampered.append(spec.name)
-            state = "modified"
-            info = f"files changed since the record: {', '.join(modified[:3])}"
+            info = f"files changed since the record: {', '.join(runner.plan.modified(spec.name)[:3])}"
         color = colors.get(state, "red")
         table.add_row(spec.name, f"[{color}]{state}[/]", (rec.get("finished") or "")[:19].replace("T", " "), escape(info))
     console.print(table)

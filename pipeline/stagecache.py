@@ -138,8 +138,10 @@ def run_shared(runner, names: list[str], cache: StageCache, *, run_one: Callable
             if all((upstream[d] or {}).get("status") == "done" for d in spec.inputs):
                 rec = cache.restore(runner.rd, name, runner.current_fingerprint(spec))
                 if rec is not None:
+                    runner.refresh(name)  # the plan memoises states: the restored record changes them downstream
                     yield StageResult(name, "restored", metrics=rec.get("metrics", {}), reason=describe_restored(rec))
                     continue
         result = run_one(name)
+        runner.refresh(name)  # run_one may have run it in another process (torchrun)
         cache.store(runner.rd, name)
         yield result

@@ -19,7 +19,9 @@ class StageContext:
     - ``inputs``: upstream stage name -> its finished folder. An optional input that was skipped or is
       absent is missing from this dict.
     - ``input_records``: upstream stage name -> its record (record.json contents).
-    - ``cfg``: the full resolved config (a pydantic ``PipelineConfig``); read your own section.
+    - ``cfg``: the resolved config as a read-only view limited to what the stage's spec declares
+      (``config`` and ``runtime_config`` in ``pipeline/graph.py``): reading anything else raises
+      ``ConfigAccessError`` naming the stage and the key, because the cache would not see that value.
     """
 
     name: str
@@ -33,6 +35,16 @@ class StageContext:
     log: Callable[[str], None] = print
     rank: int = 0
     world_size: int = 1
+
+    def __post_init__(self) -> None:
+        from stages.lib.config_view import ConfigView
+
+        if self.cfg is not None and not isinstance(self.cfg, ConfigView):
+            from pipeline.graph import BY_NAME  # the graph holds each stage's declarations
+
+            spec = BY_NAME.get(self.name)
+            if spec is not None:
+                self.cfg = ConfigView(self.cfg, spec.readable, self.name)
 
     @property
     def is_main(self) -> bool:
