@@ -49,7 +49,7 @@ def run_pipeline(cfg: PipelineConfig, run_dir: Path, *, from_stage: Optional[str
                 _plan_eta(runner, stages, run_eta)
             run_eta.begin(name)
             left = run_eta.total(None)
-            console.rule(f"[bold]{name}[/] — {spec.help}" + (f" · run ETA {eta.fmt_eta(left)}" if left else ""))
+            console.rule(f"[bold]{name}[/]" + (f" (run ETA {eta.fmt_eta(left)})" if left else "") + f" — {spec.help}")
             if nproc > 1 and spec.distributed:
                 result = _run_torchrun(runner, name, nproc, force, config_path, overrides, run_dir)
             else:

@@ -31,7 +31,7 @@ def test_run_records_precision_and_shows_run_eta(tmp_path, tiny_overrides, monke
     assert f"teacher resnet8: {choice.describe()}" in out  # said when training starts
 
     rules = [line for line in out.splitlines() if " — " in line]
-    by_stage = {s: next(line for line in rules if f" {s} — " in line) for s in ("teacher", "baseline", "merge", "verify")}
+    by_stage = {s: next(line for line in rules if f" {s} " in line) for s in ("teacher", "baseline", "merge", "verify")}
     assert "run ETA" not in by_stage["teacher"]  # nothing measured yet
     for s in ("baseline", "merge", "verify"):  # planned from FLOPs, at the speed the teacher measured
         assert "run ETA" in by_stage[s], by_stage[s]

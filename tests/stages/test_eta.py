@@ -77,6 +77,19 @@ def test_fmt_eta():
     assert fmt_eta(-3) == "0:00"
 
 
+def test_conv_linear_flops_equals_torchs_flop_counter():
+    from models.norm import LogitsOnly, NormStudent
+    from models.registry import create_model
+    from stages.lib.eta import conv_linear_flops
+    from stages.lib.flops import count_flops
+
+    t = create_model("resnet14", num_classes=10, in_chans=1)
+    for m in (t, create_model("wrn_16_2", num_classes=10, in_chans=3), create_model("mobilenetv2", num_classes=10),
+              LogitsOnly(NormStudent(create_model("resnet8", num_classes=10, in_chans=1), t.num_features, n=2))):
+        shape = [1, 1, 28, 28] if m is t or isinstance(m, LogitsOnly) else [1, 3, 32, 32]
+        assert conv_linear_flops(m, shape) == count_flops(m, shape)
+
+
 def test_plan_flops_counts_epochs_images_and_the_teacher(tiny_data_root):
     from models.norm import LogitsOnly, NormStudent
     from models.registry import create_model
