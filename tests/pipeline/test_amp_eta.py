@@ -5,18 +5,20 @@ from __future__ import annotations
 import io
 import json
 
+import pytest
 from rich.console import Console
 
 from pipeline.config import load_config
 from stages.lib.precision import resolve_amp
 
 
+@pytest.mark.timeout(900)  # a real run up to verify
 def test_run_records_precision_and_shows_run_eta(tmp_path, tiny_overrides, monkeypatch):
     from pipeline import session
 
     buf = io.StringIO()
     monkeypatch.setattr(session, "console", Console(file=buf, width=250, highlight=False))
-    cfg = load_config(None, tiny_overrides + ["teacher.epochs=2"])
+    cfg = load_config(None, tiny_overrides + ["data.train_limit=64", "data.val_limit=32"])
     session.run_pipeline(cfg, tmp_path, to_stage="verify")
     out = buf.getvalue()
 

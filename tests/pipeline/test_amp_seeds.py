@@ -27,10 +27,35 @@ def test_verdict_yes_no_inconclusive():
     assert amp_seeds.verdict([1.0, -1.0, 0.5], [1.0, 1.1, 0.9])[0] == "inconclusive"  # wider than the spread
 
 
-def test_two_seeds_on_tiny_data(tmp_path, tiny_overrides, capsys):
-    extra = [o for o in tiny_overrides]
+def test_each_run_is_the_cli_up_to_distill(monkeypatch, tmp_path):
+    calls = []
+
+    class Done:
+        returncode = 0
+
+    monkeypatch.setattr(amp_seeds.subprocess, "run", lambda cmd, **kw: calls.append((cmd, kw)) or Done())
+    amp_seeds.run_pipeline("pipeline.yaml", tmp_path / "r", amp_seeds.overrides_for(2, "bf16", "none", ["x.y=1"]))
+    cmd, kw = calls[0]
+    assert cmd[1:] == ["-m", "pipeline.cli", "run", "-c", "pipeline.yaml", "--run-dir", str(tmp_path / "r"),
+                       "--to", "distill", "--set", "run.seed=2", "--set", "teacher.amp=none",
+                       "--set", "baseline.amp=bf16", "--set", "distill.amp=bf16", "--set", "x.y=1"]
+    assert kw["cwd"] == amp_seeds.ROOT
+    Done.returncode = 2
+    with pytest.raises(SystemExit, match="failed"):
+        amp_seeds.run_pipeline("pipeline.yaml", tmp_path / "r", [])
+
+
+@pytest.mark.timeout(900)  # eight training stages (bf16 is emulated on CPUs without native bf16)
+def test_two_seeds_on_tiny_data(tmp_path, tiny_overrides, capsys, monkeypatch):
+    from pipeline.config import load_config
+    from pipeline.session import run_pipeline
+
+    def in_process(config, rd, overrides):  # the CLI's run, without an interpreter start per run
+        run_pipeline(load_config(config, overrides), rd, to_stage="distill")
+
+    monkeypatch.setattr(amp_seeds, "run_pipeline", in_process)
     argv = ["--seeds", "0", "1", "--root", str(tmp_path), "--json", str(tmp_path / "s.json")]
-    for o in extra:
+    for o in tiny_overrides + ["data.train_limit=64", "data.val_limit=32"]:
         argv += ["--set", o]
     s = amp_seeds.main(argv)
     assert [r["seed"] for r in s["rows"]] == [0, 1]
