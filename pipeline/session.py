@@ -73,6 +73,7 @@ def _plan_eta(runner: Runner, stages: list[str], run_eta: "eta.RunEta") -> None:
     try:
         run_eta.plan(stages, eta.plan_flops(runner.cfg, json.loads(meta_file.read_text()), stages))
     except Exception as e:  # noqa: BLE001 - an estimate must never stop a run
+        run_eta.plan(stages, {})  # planned as unknown: stage ETAs only, and no retry at every stage
         _log(f"(no run ETA: {type(e).__name__}: {str(e)[:120]})")
 
 
