@@ -6,7 +6,7 @@ in several variants timed side by side in interleaved rounds (stages.lib.timing)
   fp32     plain fp32, eager, NCHW (the reference)
   cl       channels_last only
   bf16     autocast bf16 only (skipped where the device has no bf16 support)
-  opt      the optimised setting: autocast (bf16 where supported, as train.amp=auto picks it) +
+  opt      the optimised setting: autocast as train.amp=auto picks it (bf16 on CPUs with native bf16) +
            channels_last (+ torch.compile of forward and loss with --compile)
   opt_tbf16  opt, with the frozen teacher's weights stored in bf16 (autocast re-casts weights that need
            no gradient on every call; a bf16 teacher skips that; its BatchNorm statistics get rounded to bf16 too)
@@ -71,15 +71,18 @@ class Variant:
 
 def make_variants(names: list[str], device: str, compile_: bool) -> list[Variant]:
     """The requested variants this device supports (bf16 ones need bf16 autocast support)."""
-    amp = autocast_dtype("auto", device)
+    from stages.lib.precision import bf16_supported
+
+    amp = autocast_dtype("auto", device)  # what train.amp=auto picks here (fp32 where bf16 is no faster)
+    bf16 = torch.bfloat16 if bf16_supported(device) else None
     table = {
         "fp32": Variant("fp32", None, False),
         "cl": Variant("cl", None, True),
-        "bf16": Variant("bf16", torch.bfloat16, False) if amp == torch.bfloat16 else None,
+        "bf16": Variant("bf16", bf16, False) if bf16 else None,
         "opt": Variant("opt", amp, True, compile_),
-        "opt_tbf16": Variant("opt_tbf16", amp, True, compile_, True) if amp == torch.bfloat16 else None,
+        "opt_tbf16": Variant("opt_tbf16", bf16, True, compile_, True) if bf16 else None,
         "compile": Variant("compile", None, False, True),
-        "bf16_compile": Variant("bf16_compile", torch.bfloat16, False, True) if amp == torch.bfloat16 else None,
+        "bf16_compile": Variant("bf16_compile", bf16, False, True) if bf16 else None,
     }
     out = [table[n] for n in dict.fromkeys(["fp32", *names]) if table[n] is not None]
     for n in names:

@@ -58,8 +58,7 @@ class TrainCfg(Section):
     lr_decay: float = Field(0.1, gt=0, le=1)
     warmup_epochs: int = Field(0, ge=0)
     amp: Literal["auto", "none", "bf16", "fp16"] = Field(
-        "none", description="autocast precision; auto = bf16 on GPUs/CPUs that support it"
-    )
+        "auto", description="autocast precision; auto = bf16 on CPUs with AVX512-BF16/AMX (faster there), else fp32")
     channels_last: bool = False
     compile: bool = False
     logit_standardize: bool = Field(False, description="layer-norm the logits (x logit_scale) before CE/KD")

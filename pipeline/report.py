@@ -154,7 +154,27 @@ def build_summary(run: Run) -> dict:
             "norm_pipeline_version": __version__, "verdicts": verdicts, "accuracy": acc, "deltas": deltas,
             "verify": verify if run.done("verify") else None, "export": export if run.done("export") else None,
             "engine": _engine_summary(run), "latency": latency if run.done("benchmark") else None,
-            "bundle": bundle if run.done("bundle") else None, "stages": _stage_summary(run), "seeds": seeds}
+            "bundle": bundle if run.done("bundle") else None, "stages": _stage_summary(run), "seeds": seeds,
+            "precision": precision_summary(run)}
+
+
+def precision_summary(run: Run) -> dict:
+    """Training stage -> {"amp": fp32/bf16/fp16, "requested", "reason"} from its record (amp: auto resolved)."""
+    out = {}
+    for stage in ("teacher", "baseline", "distill"):
+        m = run.metrics(stage)
+        if m.get("amp"):
+            out[stage] = {"amp": m["amp"], "requested": m.get("amp_requested"), "reason": m.get("amp_reason")}
+    return out
+
+
+def precision_text(precision: dict) -> str:
+    """'teacher fp32 · baseline fp32 · NORM fp32 (amp: auto: <reason>)': what training used and why."""
+    if not precision:
+        return ""
+    used = " · ".join(f"{ {'distill': 'NORM'}.get(k, k)} {v['amp']}" for k, v in precision.items())
+    why = list(dict.fromkeys(f"amp: {v['requested']}: {v['reason']}" for v in precision.values()))
+    return f"{used} ({'; '.join(why)})"
 
 
 def _engine_summary(run: Run) -> dict:
@@ -246,6 +266,8 @@ def terminal_summary(summary: dict):
                      f"fp16 top-1 {fmt_pct(eng.get('fp16_top1'))}"))
     elif eng.get("status") == "skipped":
         rows.append(("TensorRT", "[cyan]skipped[/]", eng.get("reason", "")))
+    if summary.get("precision"):
+        rows.append(("precision", "", precision_text(summary["precision"])))
     if b:
         rows.append(("bundle", "", f"{b.get('tar') or b.get('path')}"
                      + (f" (sha256 {b['tar_sha256'][:16]}…)" if b.get("tar_sha256") else "")))

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from pipeline import __version__, graph
-from pipeline.report import Run, fmt_ci, fmt_pct, fmt_sci
+from pipeline.report import Run, fmt_ci, fmt_pct, fmt_sci, precision_summary, precision_text
 
 COLORS = {"teacher": "#64748b", "baseline CE": "#2563eb", "baseline KD": "#d97706", "NORM student": "#059669"}
 
@@ -267,6 +267,9 @@ def config_section(run: Run) -> list[tuple[str, str]]:
                          + (f" · KD weight {c('baseline.kd_weight')}, T = {c('baseline.temperature')}" if "kd" in methods else "")),
             ("run", f"device {c('run.device')} · seed {c('run.seed')}"
                     + (f" · student seed {c('student.seed')}" if c("student.seed") not in (None, c("run.seed")) else ""))]
+    prec = precision_text(precision_summary(run))
+    if prec:
+        rows.append(("precision", prec))
     return rows
 
 

@@ -15,6 +15,7 @@ from rich.table import Table
 from pipeline import graph
 from pipeline.config import PipelineConfig
 from pipeline.runner import Runner, StageResult, select
+from stages.lib import eta
 from stages.lib.errors import PipelineError
 
 console = Console(stderr=False, highlight=False)
@@ -49,13 +50,19 @@ def run_pipeline(cfg: PipelineConfig, run_dir: Path, *, from_stage: Optional[str
     try:
         runner.save_config()
         results = []
+        run_eta = eta.reset()
         for name in stages:
             spec = graph.get(name)
-            console.rule(f"[bold]{name}[/] — {spec.help}")
+            if not run_eta.order:
+                _plan_eta(runner, stages, run_eta)
+            run_eta.begin(name)
+            left = run_eta.total(None)
+            console.rule(f"[bold]{name}[/]" + (f" (run ETA {eta.fmt_eta(left)})" if left else "") + f" — {spec.help}")
             if nproc > 1 and spec.distributed:
                 result = _run_torchrun(runner, name, nproc, force, config_path, overrides, run_dir)
             else:
                 result = runner.run_stage(name, force=force)
+            run_eta.end(name, result.seconds, ran=result.status == "done")
             _log(f"{name}: {_describe(result)}")
             results.append(result)
         if len(seeds) > 1:
@@ -68,6 +75,19 @@ def run_pipeline(cfg: PipelineConfig, run_dir: Path, *, from_stage: Optional[str
         return results
     finally:
         runner.rd.unlock()
+
+
+def _plan_eta(runner: Runner, stages: list[str], run_eta: "eta.RunEta") -> None:
+    """The run's cost plan for the ETA, once the dataset is described (no plan, no run ETA: never an error)."""
+    rec = runner.rd.record("data")
+    meta_file = runner.rd.stage_dir("data") / "dataset.json"
+    if not rec or rec.get("status") != "done" or not meta_file.is_file():
+        return
+    try:
+        run_eta.plan(stages, eta.plan_flops(runner.cfg, json.loads(meta_file.read_text()), stages))
+    except Exception as e:  # noqa: BLE001 - an estimate must never stop a run
+        run_eta.plan(stages, {})  # planned as unknown: stage ETAs only, and no retry at every stage
+        _log(f"(no run ETA: {type(e).__name__}: {str(e)[:120]})")
 
 
 def _run_torchrun(runner: Runner, name: str, nproc: int, force: bool, config_path, overrides, run_dir) -> StageResult:

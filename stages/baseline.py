@@ -34,6 +34,7 @@ def run(ctx: StageContext) -> dict:
                        in_chans=p.meta["in_chans"], method=method)
             T.finish_checkpoints(out)
         metrics.update({f"{method}_{k}": v for k, v in m.items() if k in ("top1", "top5", "best_top1", "train_s")})
+        metrics.update({k: v for k, v in m.items() if k.startswith("amp")})  # the precision used, and why
     return metrics
 
 

@@ -267,14 +267,46 @@ def _subset(x: torch.Tensor, y: torch.Tensor, limit: Optional[int]) -> tuple[tor
 
 # ----------------------------------------------------------------------------- the data stage's meta
 def load_raw(dataset: str, root: Optional[Path], download: bool = False) -> dict:
-    """In-memory datasets as {"train": (x, y), "val": (x, y), "classes", "*_files"}."""
+    """In-memory datasets as {"train": (x, y), "val": (x, y), "classes", "*_files"}.
+
+    One process runs several stages that each need the dataset (data, teacher, baseline, distill, verify,
+    export): the decoded tensors are kept and handed out again while the source files are unchanged (same
+    sha256), instead of decompressing and parsing them for every stage. Callers never modify them.
+    """
     if dataset == "fashion_mnist":
-        return load_fashion_mnist(Path(root) if root else FASHION_MNIST_ROOT)
+        root = Path(root) if root else FASHION_MNIST_ROOT
+        return _cached(("fashion_mnist", str(root)), lambda: load_fashion_mnist(root))
     if dataset in ("cifar10", "cifar100"):
         if root is None:
             raise PipelineError(f"{dataset} needs data.root (the folder that holds the torchvision-layout CIFAR files)")
-        return load_cifar(Path(root), 10 if dataset == "cifar10" else 100, download)
+        return _cached((dataset, str(root)), lambda: load_cifar(Path(root), 10 if dataset == "cifar10" else 100, download))
     raise PipelineError(f"dataset {dataset!r} is not an in-memory dataset")
+
+
+_RAW_CACHE: dict[tuple, tuple[tuple, dict]] = {}
+
+
+def _stamp(files: list) -> tuple:
+    """The files' contents (sha256): a file rewritten in place, even within one mtime tick, is a new dataset."""
+    from stages.lib.io import sha256_file
+
+    return tuple((str(f), sha256_file(f)) for f in files)
+
+
+def _cached(key: tuple, load) -> dict:
+    """The last decoded copy of ``key`` while its files' contents are unchanged, else a fresh load."""
+    hit = _RAW_CACHE.get(key)
+    if hit is not None:
+        stamp, raw = hit
+        try:
+            if _stamp(raw["train_files"] + raw["val_files"]) == stamp:
+                return dict(raw)
+        except OSError:
+            pass
+    raw = load()
+    _RAW_CACHE.clear()  # keep one dataset: the 60k Fashion-MNIST images are 47 MB
+    _RAW_CACHE[key] = (_stamp(raw["train_files"] + raw["val_files"]), raw)
+    return dict(raw)
 
 
 def channel_stats(x_uint8: torch.Tensor) -> tuple[list[float], list[float]]:

@@ -67,24 +67,17 @@ def resolve_device(device: str) -> str:
 
 
 def cpu_supports_bf16() -> bool:
-    try:
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except Exception:  # noqa: BLE001 - capability probe
-        return False
+    """Whether oneDNN runs bf16 on this CPU at all (natively or emulated); see stages.lib.precision."""
+    from stages.lib.precision import bf16_supported
+
+    return bf16_supported("cpu")
 
 
 def autocast_dtype(amp: str, device: str) -> Optional[torch.dtype]:
-    """The autocast dtype for ``amp`` on ``device`` (None = full fp32)."""
-    kind = device.split(":")[0]
-    if amp == "none":
-        return None
-    if amp == "auto":
-        if kind == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if cpu_supports_bf16() else None
-    if amp == "fp16" and kind == "cpu":
-        raise PipelineError("amp=fp16 is for GPUs; use amp=bf16 (or auto) on CPU")
-    return torch.bfloat16 if amp == "bf16" else torch.float16
+    """The autocast dtype for ``amp`` on ``device`` (None = full fp32); ``auto`` as stages.lib.precision decides."""
+    from stages.lib.precision import resolve_amp
+
+    return resolve_amp(amp, device).dtype
 
 
 def autocast(device: str, dtype: Optional[torch.dtype]):
@@ -185,7 +178,12 @@ def fit(*, model: nn.Module, step: Callable, train, val, spec: TrainSpec, out_di
         model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay,
                           nesterov=spec.nesterov)
-    amp_dtype = autocast_dtype(spec.amp, device)
+    from stages.lib.precision import resolve_amp
+
+    amp = resolve_amp(spec.amp, device)
+    amp_dtype = amp.dtype
+    if is_main:
+        log(f"{label}: {amp.describe()}")
     scaler = torch.amp.GradScaler(device.split(":")[0]) if amp_dtype == torch.float16 else None
     ckpt = Checkpointer(out_dir / "ckpt", enabled=is_main)
     history: list[dict] = []
@@ -208,6 +206,8 @@ def fit(*, model: nn.Module, step: Callable, train, val, spec: TrainSpec, out_di
         train_model = torch.compile(train_model)
     forward = eval_forward or (lambda x: model(x))
 
+    clock = _stage_clock(spec, train, val, start_epoch)
+    val_info = ""
     with _progress(disable=not is_main) as progress:
         epochs_task = progress.add_task(f"{label} epochs", total=spec.epochs, completed=start_epoch, info="")
         for epoch in range(start_epoch, spec.epochs):
@@ -221,6 +221,7 @@ def fit(*, model: nn.Module, step: Callable, train, val, spec: TrainSpec, out_di
             seen = correct = 0
             batches = len(train)
             batch_task = progress.add_task(f"epoch {epoch + 1}", total=batches, info="")
+            clock.start_batches()
             for i, (x, y) in enumerate(train):
                 if spec.schedule == "cosine":
                     for g in opt.param_groups:
@@ -247,8 +248,10 @@ def fit(*, model: nn.Module, step: Callable, train, val, spec: TrainSpec, out_di
                 for k, v in terms.items():
                     sums[k] = sums.get(k, 0.0) + v.detach().float().item() * n
                 sums["loss"] = sums.get("loss", 0.0) + loss.detach().float().item() * n
+                clock.batch_done()
                 progress.update(batch_task, advance=1,
                                 info=" ".join(f"{k}={sums[k] / seen:.3f}" for k in sums))
+                progress.update(epochs_task, info=_eta_info(clock, val_info))
             progress.remove_task(batch_task)
             keys = sorted(sums)
             reduced = dist.all_reduce_sum([sums[k] for k in keys] + [seen, correct], device)
@@ -259,7 +262,9 @@ def fit(*, model: nn.Module, step: Callable, train, val, spec: TrainSpec, out_di
                 row.update(extra_row(epoch))
             model.eval()
             dist.broadcast_buffers(model)  # evaluate (on every rank's shard) exactly the model rank 0 saves
+            clock.eval_started()
             ev = evaluate(forward, val, device=device, amp_dtype=amp_dtype, channels_last=spec.channels_last)
+            clock.eval_done()
             if not math.isfinite(ev["loss"]):  # a finite last step can still leave inf/NaN weights: never save them
                 raise TrainingDiverged(_diverged(label, f"validation loss became {ev['loss']}", epoch, ckpt.last))
             row.update({"val_top1": ev["top1"], "val_top5": ev["top5"], "val_loss": ev["loss"],
@@ -273,14 +278,42 @@ def fit(*, model: nn.Module, step: Callable, train, val, spec: TrainSpec, out_di
                        "history": history, "scaler": scaler.state_dict() if scaler else None}, is_best)
             if is_main:
                 write_history(out_dir / "history.csv", history)
-            progress.update(epochs_task, advance=1, info=f"val top-1 {ev['top1']:.4f}")
+            val_info = f"val top-1 {ev['top1']:.4f}"
+            progress.update(epochs_task, advance=1, info=_eta_info(clock, val_info))
             log(f"{label} epoch {epoch + 1}/{spec.epochs}: loss {row['train_loss']:.4f} "
                 f"val top-1 {ev['top1']:.4f} top-5 {ev['top5']:.4f} ({row['epoch_s']:.1f}s)")
     dist.barrier()
     last = history[-1] if history else {}
     return {"top1": last.get("val_top1"), "top5": last.get("val_top5"), "best_top1": best_top1,
             "best_epoch": best_epoch, "epochs": spec.epochs,
-            "train_s": sum(r.get("epoch_s", 0.0) for r in history)}
+            "train_s": sum(r.get("epoch_s", 0.0) for r in history), **amp.metrics()}
+
+
+def _stage_clock(spec: TrainSpec, train, val, start_epoch: int):
+    """The stage's own ETA: its batches and evaluations timed; an evaluation batch priced by its images
+    (forward only: a third of a training image) until the first evaluation has been timed."""
+    from stages.lib.eta import StageEta
+
+    per_train = getattr(train, "num_samples", 1) / max(len(train), 1)
+    per_val = getattr(val, "num_samples", 1) / max(len(val), 1)
+    return StageEta(epochs=spec.epochs, batches=len(train), eval_batches=len(val), start_epoch=start_epoch,
+                    eval_weight=per_val / max(per_train, 1e-9) / 3)
+
+
+def _eta_info(clock, prefix: str = "") -> str:
+    """'val top-1 0.8512 · ETA stage 1:23 · run 5:40' for the epochs line of the progress display."""
+    from stages.lib import eta
+
+    left = clock.remaining()
+    run = eta.current()
+    if left is not None:  # calibrate the run's seconds per FLOP on this stage (a resumed one: on its share)
+        run.stage_progress(clock.elapsed + left, share=(clock.epochs - clock.start_epoch) / max(clock.epochs, 1))
+    total = run.total(left)
+    parts = [prefix] if prefix else []
+    parts.append(f"ETA stage {eta.fmt_eta(left)}")
+    if total is not None:
+        parts.append(f"run {eta.fmt_eta(total)}")
+    return " · ".join(parts)
 
 
 def _diverged(label: str, what: str, epoch: int, last: Path) -> str:
