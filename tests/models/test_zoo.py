@@ -90,6 +90,18 @@ def test_package_level_api_like_timm() -> None:
     assert out.stdout.split() == ["CifarResNet", "resnet8", "64", str(len(list_models()))]
 
 
+@pytest.mark.parametrize("name", ["wrn_16_2", "wrn_40_2"])
+def test_wrn_features_are_tapped_after_the_final_bn_relu(name: str) -> None:
+    """Unlike the authors' WRN (raw block3 output): after BN + ReLU only pooling and the FC follow, so the FT
+    there folds into the FC. The merge tests then prove the fold for every model."""
+    model = _model(name, 3).eval()
+    x = _inputs(name)[0]
+    with torch.no_grad():
+        raw = model.block3(model.block2(model.block1(model.conv1(x))))
+        assert torch.equal(model.forward_features(x), torch.relu(model.bn(raw)))
+        assert (raw < 0).any(), "the raw block3 output is not post-activation: the test would prove nothing"
+
+
 def test_unknown_name_lists_known_models() -> None:
     with pytest.raises(ValueError) as err:
         create_model("resnet_does_not_exist")
