@@ -158,3 +158,16 @@ def test_every_preset_value_has_its_source_in_the_docs(pattern, heading):
             cell, source = table[key]
             assert _mentions(cell, value), f"{path.name}: {key}={value!r}, docs/presets.md says {cell!r}"
             assert re.search(r"paper|README|script|code|RepDistiller|assumption", source), (key, source)
+
+
+def test_tiny_config_is_tiny_and_in_the_readme():
+    """configs/tiny.yaml: a few hundred real Fashion-MNIST images, one epoch, tiny networks, every stage on;
+    the README offers it as the quickest way to see every stage (its wall time is measured, not asserted)."""
+    cfg = load_config(CONFIGS / "tiny.yaml")
+    assert cfg.data.dataset == "fashion_mnist" and cfg.data.root is None  # the real, installed dataset
+    assert 100 <= cfg.data.train_limit <= 1000 and cfg.data.val_limit <= 1000
+    assert cfg.teacher.epochs == cfg.baseline.epochs == cfg.distill.epochs == 1
+    for name in (cfg.teacher.model, cfg.student.model):
+        assert sum(p.numel() for p in create_model(name, num_classes=10, in_chans=1).parameters()) < 300_000
+    assert cfg.export.exporter == "torchscript" and cfg.benchmark.blocks <= 8
+    assert "norm-pipeline run -c configs/tiny.yaml" in (ROOT / "README.md").read_text()
