@@ -46,6 +46,12 @@ def guarded(fn):
             return fn(*args, **kwargs)
         except PipelineError as e:
             _fail(str(e))
+        except OSError as e:  # a full disk outside the stages' own writers: one line, not a traceback
+            from stages.lib.io import disk_full, no_space_error
+
+            if no_space_error(e) is None:
+                raise
+            _fail(str(disk_full(e.filename or "the run directory", e)))
         except KeyboardInterrupt:
             click.echo("\ninterrupted: finished stages and epochs are kept; run the same command again to resume", err=True)
             sys.exit(130)
@@ -78,7 +84,7 @@ def main() -> None:
 @click.option("--from", "from_stage", default=None, help="first stage to run (earlier ones must be done)")
 @click.option("--to", "to_stage", default=None, help="last stage to run")
 @click.option("--force", is_flag=True, help="re-run the selected stages even when cached")
-@click.option("--nproc", type=int, default=1, show_default=True,
+@click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
               help="processes per host for the training stages (launches torchrun; gloo on CPU, nccl on CUDA)")
 @click.option("--seeds", default=None, metavar="S1,S2,...",
               help="student seeds, e.g. 0,1,2: the run uses the first; baseline and distill are also trained for the "

@@ -120,6 +120,9 @@ class ExportCfg(Section):
     atol: float = Field(1e-4, ge=0)
     rtol: float = Field(1e-3, ge=0)
     parity_samples: int = Field(1024, ge=1)
+    exporter: Literal["auto", "torchscript"] = Field(
+        "auto", description="auto: torch.export (dynamo), TorchScript when that fails; torchscript: TorchScript only "
+        "(seconds faster per model, for quick runs such as configs/tiny.yaml)")
 
 
 class EngineCfg(Section):

@@ -23,7 +23,7 @@ from pipeline.graph import StageSpec
 from pipeline.plan import CURRENT, Plan, fingerprint  # noqa: F401  (fingerprint: kept importable from here)
 from pipeline.rundir import RunDir
 from stages.lib.errors import PipelineError, StageSkipped
-from stages.lib.io import atomic_write_text
+from stages.lib.io import atomic_write_text, disk_full, no_space_error
 
 
 @dataclass
@@ -169,6 +169,11 @@ class Runner:
             self.rd.write_skipped(name, record)
             self.plan.invalidate(name)
             return StageResult(name, "skipped", time.perf_counter() - t0, reason=str(e))
+        except Exception as e:  # a full disk under a writer that is not ours (ONNX export, copies, plots)
+            full = no_space_error(e)
+            if full is None or isinstance(e, PipelineError):
+                raise
+            raise disk_full(full.filename or work, full) from None
         marker.unlink(missing_ok=True)
         record.update(status="done", metrics=metrics, finished=_now(), duration_s=time.perf_counter() - t0)
         self.rd.commit(name, record)

@@ -1,7 +1,7 @@
 """Stage `distill`: train the NORM student (FT after the last stage; N groups matched to the teacher).
 
-Loss = gamma*CE + beta*KD + alpha*w(epoch)*NORM, exactly as ../shared/NORM.md states. Writes the
-unmerged student with its FT (norm_student.pt); the `merge` stage folds the FT away.
+Loss = gamma*CE + beta*KD + alpha*w(epoch)*NORM, as in the paper and the authors' training loop
+(docs/method.md). Writes the unmerged student with its FT (norm_student.pt); the `merge` stage folds the FT away.
 """
 from __future__ import annotations
 

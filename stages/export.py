@@ -105,7 +105,8 @@ def _progress():
                     transient=True)
 
 
-def export_all(models: dict, meta: dict, out_dir: Path, example: torch.Tensor, *, opset: int, max_batch: int) -> dict:
+def export_all(models: dict, meta: dict, out_dir: Path, example: torch.Tensor, *, opset: int, max_batch: int,
+               exporter: str = "auto") -> dict:
     """Export every model to its file; kind -> export facts (exporter, seconds, size, sha256)."""
     facts = {}
     with _progress() as progress:
@@ -116,7 +117,7 @@ def export_all(models: dict, meta: dict, out_dir: Path, example: torch.Tensor, *
             path = out_dir / FILES[kind]
             t0 = time.perf_counter()
             info = onnx_utils.export_onnx(m["model"], path, kind=kind, example=example, opset=opset,
-                                          max_batch=max_batch, metadata=props)
+                                          max_batch=max_batch, metadata=props, exporter=exporter)
             facts[kind] = {"file": FILES[kind], **info, "export_seconds": round(time.perf_counter() - t0, 3),
                            "bytes": path.stat().st_size, "sha256": sha256_file(path), "model": m["name"],
                            "source": f"{m['source'].parent.name}/{m['source'].name}", "source_sha256": source_sha}
@@ -137,7 +138,7 @@ def run(ctx: StageContext) -> dict:
     batch = max(1, min(c.max_batch, ctx.cfg.data.eval_batch_size))
     x = parity_images(meta, c.parity_samples, batch)
     example = x[:2] if len(x) >= 2 else x.repeat(2, 1, 1, 1)  # batch >= 2: sizes 0/1 would be specialised
-    facts = export_all(models, meta, ctx.out_dir, example, opset=c.opset, max_batch=c.max_batch)
+    facts = export_all(models, meta, ctx.out_dir, example, opset=c.opset, max_batch=c.max_batch, exporter=c.exporter)
 
     with _progress() as progress:
         task = progress.add_task("onnxruntime parity", total=len(models))

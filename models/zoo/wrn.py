@@ -3,6 +3,12 @@
 depth = 6n + 4; three stages of n pre-activation blocks with widths 16k, 32k, 64k at strides
 1, 2, 2. ``forward_features`` ends with the network's final BN + ReLU, so the map it returns is
 post-activation like every other family's.
+
+Deviation from the NORM authors' code, on purpose: their WRN taps the teacher feature and places the
+student's FT on the raw block3 output, *before* the final BN + ReLU. A ReLU between the FT and the
+classifier makes the FT impossible to fold into the FC layer, so such a student keeps its FT at
+inference. Here the FT (and the teacher feature) sit after BN + ReLU, where pooling and the FC are
+linear, so the trained student merges back into a plain WRN. See docs/presets.md.
 """
 from __future__ import annotations
 

@@ -224,6 +224,31 @@ class TensorSplit:
             yield normalize(x, mean, std), self.labels[sel].to(self.device, non_blocking=True)
 
 
+class ImageTooLarge(PipelineError):
+    """An image over Pillow's decompression-bomb limit; the message names the file (also from a worker)."""
+
+
+def load_image(path: str):
+    """ImageFolder's loader (RGB), with the file named when Pillow refuses a decompression bomb.
+
+    Pillow raises ``DecompressionBombError`` for images over twice ``Image.MAX_IMAGE_PIXELS`` without saying
+    which file it was; in a dataset of a million files that name is the whole point of the message.
+    """
+    import re
+
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except Image.DecompressionBombError as e:
+        found = re.search(r"\((\d+) pixels\) exceeds limit of (\d+) pixels", str(e))
+        size = f"{int(found.group(1)):,} pixels, over" if found else "over"
+        limit = int(found.group(2)) if found else 2 * (Image.MAX_IMAGE_PIXELS or 0)
+        raise ImageTooLarge(f"image {path} is too large to decode safely ({size} Pillow's decompression-bomb limit "
+                            f"of {limit:,} pixels); remove or downscale that file") from None
+
+
 class LoaderSplit:
     """An image-folder split through a DataLoader (DistributedSampler under torchrun)."""
 
@@ -252,6 +277,8 @@ class LoaderSplit:
         try:
             for x, y in self.loader:
                 yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        except ImageTooLarge as e:  # from a worker, the message carries the worker's traceback: keep the last line
+            raise ImageTooLarge(str(e).strip().splitlines()[-1].split("ImageTooLarge: ", 1)[-1]) from None
         except OSError as e:  # PIL's UnidentifiedImageError / truncated image, also re-raised from a worker
             reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
             raise PipelineError(f"cannot read an image of the dataset: {reason[:240]}; remove or replace that file") from None
@@ -349,7 +376,8 @@ def _image_folder_splits(meta, batch_size, eval_batch_size, device, rank, world_
 
     t_train, t_val = image_folder_transforms(meta["input_size"][0], meta["mean"], meta["std"])
     root = Path(meta["root"])
-    ds_train, ds_val = ImageFolder(str(root / "train"), t_train), ImageFolder(str(root / "val"), t_val)
+    ds_train = ImageFolder(str(root / "train"), t_train, loader=load_image)
+    ds_val = ImageFolder(str(root / "val"), t_val, loader=load_image)
     for ds, key in ((ds_train, "train_limit"), (ds_val, "val_limit")):
         if meta.get(key) and meta[key] < len(ds):
             idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(12345))[: meta[key]].tolist()

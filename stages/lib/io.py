@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import re
@@ -51,20 +52,79 @@ def _signals_deferred():
                 raise KeyboardInterrupt
 
 
+_NO_SPACE = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
+
+
+class DiskFull(PipelineError):
+    """A write failed for lack of space; the partial file is gone, finished stages and epochs are kept."""
+
+
+def no_space_error(exc: BaseException | None) -> OSError | None:
+    """The ENOSPC/EDQUOT ``OSError`` behind ``exc`` (itself, or in its ``__cause__``/``__context__`` chain).
+
+    Writers often hide it: torch.save's zip writer reports "unexpected pos" from C++, exporters wrap it.
+    """
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in _NO_SPACE:
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def disk_full(what: Path | str, err: OSError) -> DiskFull:
+    """The one-line error for a full disk while writing ``what``."""
+    return DiskFull(f"{_NO_SPACE.get(err.errno, 'no space left on device')} while writing {what}; free some space "
+                    "there and run the same command again: finished stages and epochs are kept, and it resumes")
+
+
+class _ErrorRecordingFile:
+    """A file proxy that remembers the first ``OSError`` of a write or flush, for writers that swallow it."""
+
+    def __init__(self, f) -> None:
+        self._f = f
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            return self._f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self) -> None:
+        try:
+            self._f.flush()
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def __getattr__(self, name: str):
+        return getattr(self._f, name)
+
+
 def _atomic_replace(path: Path, write) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with _signals_deferred():
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        tmp: str | None = None
+        f: _ErrorRecordingFile | None = None
         try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
             os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; artifacts get the usual permissions
-            with os.fdopen(fd, "wb") as f:
+            with os.fdopen(fd, "wb") as raw:
+                f = _ErrorRecordingFile(raw)
                 write(f)
                 f.flush()
-                os.fsync(f.fileno())
+                os.fsync(raw.fileno())
             os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+        except BaseException as e:
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
+            err = no_space_error(e) or no_space_error(f.error if f is not None else None)
+            if err is not None:
+                raise disk_full(path, err) from None
             raise
     return path
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from stages.lib.errors import PipelineError
+from stages.lib.io import disk_full, no_space_error
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -69,12 +70,17 @@ def _torch_export(model: nn.Module, example: torch.Tensor, path: Path, *, opset:
                                   dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, **common)
 
 
+class _Skipped(Exception):
+    """The dynamo exporter was not tried."""
+
+
 def export_onnx(model: nn.Module, path: Path | str, *, kind: str, example: torch.Tensor, opset: int, max_batch: int,
-                metadata: Mapping[str, str]) -> dict:
+                metadata: Mapping[str, str], exporter: str = "auto") -> dict:
     """Export ``model`` (eval, CPU) to ``path`` atomically; embed ``metadata``; run the full ONNX checker.
 
-    Tries the dynamo exporter first and the TorchScript exporter only if dynamo fails. Returns
-    ``{"exporter": "dynamo" | "torchscript", "dynamo_error": str | None}``. Any failure is a PipelineError.
+    ``exporter="auto"`` tries the dynamo exporter first and the TorchScript exporter only if dynamo fails;
+    ``"torchscript"`` uses TorchScript alone. Returns ``{"exporter": "dynamo" | "torchscript", "dynamo_error":
+    str | None}``. Any failure is a PipelineError.
     """
     import onnx
 
@@ -84,15 +90,22 @@ def export_onnx(model: nn.Module, path: Path | str, *, kind: str, example: torch
     model = model.eval()
     try:
         try:
+            if exporter == "torchscript":
+                raise _Skipped("not tried (export.exporter=torchscript)")
             _torch_export(model, example, tmp, opset=opset, max_batch=max_batch, dynamo=True)
         except Exception as e:  # noqa: BLE001 - any exporter failure: try the other exporter
-            info.update(exporter="torchscript", dynamo_error=_first_line(e))
+            if no_space_error(e):  # not the model's fault: say so instead of blaming an operator
+                raise disk_full(path, no_space_error(e)) from None
+            info.update(exporter="torchscript", dynamo_error=None if isinstance(e, _Skipped) else _first_line(e))
             try:
                 _torch_export(model, example, tmp, opset=opset, max_batch=max_batch, dynamo=False)
             except Exception as e2:  # noqa: BLE001
-                raise PipelineError(f"ONNX export of {kind} failed: {info['dynamo_error']} "
-                                    f"(TorchScript exporter: {_first_line(e2)}); replace the unsupported operation "
-                                    "in the model with ONNX-exportable ones") from None
+                if no_space_error(e2):
+                    raise disk_full(path, no_space_error(e2)) from None
+                why = (f"{info['dynamo_error']} (TorchScript exporter: {_first_line(e2)})" if info["dynamo_error"]
+                       else f"{_first_line(e2)} (TorchScript exporter; export.exporter=auto also tries dynamo)")
+                raise PipelineError(f"ONNX export of {kind} failed: {why}; replace the unsupported operation in the "
+                                    "model with ONNX-exportable ones") from None
         proto = onnx.load(str(tmp))
         set_metadata(proto, {**metadata, "exporter": info["exporter"]})
         onnx.save(proto, str(tmp))

@@ -108,11 +108,27 @@ def test_standardize_logits() -> None:
     logits = torch.randn(6, 10, generator=_gen(8), dtype=torch.float64) * 5 + 3
     out = standardize_logits(logits, 2.5)
     mean = logits.mean(1, keepdim=True)
-    std = logits.var(1, unbiased=False, keepdim=True).add(1e-5).sqrt()  # layer_norm: biased var + eps
+    std = logits.var(1, unbiased=False, keepdim=True).add(1e-7).sqrt()  # biased var + the authors' eps 1e-7
     assert torch.allclose(out, (logits - mean) / std * 2.5, atol=1e-10)
     assert torch.allclose(out.mean(1), torch.zeros(6, dtype=torch.float64), atol=1e-10)
     assert torch.allclose(out.std(1, unbiased=False), torch.full((6,), 2.5, dtype=torch.float64), atol=1e-4)
     assert torch.equal(out.argmax(1), logits.argmax(1))
+
+
+def test_standardize_logits_uses_the_authors_eps() -> None:
+    """eps 1e-7 (the authors' helper/loops.py), not torch's default 1e-5: with logits of small spread the two
+    differ visibly, and CE computed on them differs with them."""
+    from models.losses import LOGIT_LN_EPS
+
+    assert LOGIT_LN_EPS == 1e-7
+    logits = torch.randn(8, 10, generator=_gen(10), dtype=torch.float64) * 1e-3  # variance ~1e-6: eps matters
+    by_hand = (logits - logits.mean(1, keepdim=True)) / (logits.var(1, unbiased=False, keepdim=True) + 1e-7).sqrt()
+    assert torch.allclose(standardize_logits(logits, 2.5), by_hand * 2.5, rtol=1e-12, atol=0)
+    torch_default = F.layer_norm(logits, (10,)) * 2.5  # eps 1e-5
+    assert (standardize_logits(logits, 2.5) - torch_default).abs().max() > 1.0
+    labels = torch.arange(8) % 10
+    _, terms = distill_losses(logits, labels, alpha=0.0, logit_scale=2.5)
+    assert torch.allclose(terms["ce"], F.cross_entropy(by_hand * 2.5, labels), rtol=1e-12)
 
 
 def _authors_weight(epoch: int) -> float:

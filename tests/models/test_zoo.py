@@ -14,7 +14,7 @@ torch.set_num_threads(2)
 NUM_CLASSES = 7
 TV_SIZE = 64  # torchvision ImageNet nets: a small input keeps the test fast (stride 32 -> 2x2)
 
-# Last-stage widths from NORM.md (and the zoo's other CIFAR members).
+# Last-stage widths of the paper's CIFAR networks (the authors' model_channels) and the zoo's other members.
 CIFAR_WIDTHS = {
     "resnet8": 64, "resnet14": 64, "resnet20": 64, "resnet32": 64, "resnet44": 64, "resnet56": 64,
     "resnet110": 64, "resnet8x4": 256, "resnet32x4": 256,
@@ -72,6 +72,34 @@ def test_last_stage_width(name: str, width: int) -> None:
     model = _model(name, 3)
     assert model.num_features == width
     assert _first_linear(model.head).in_features == width
+
+
+def test_package_level_api_like_timm() -> None:
+    """``from models import create_model, list_models`` in a fresh interpreter, as timm's ``timm.create_model``."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("from models import create_model, list_models; import models.registry as r; "
+            "assert create_model is r.create_model and list_models is r.list_models; "
+            "m = create_model('resnet8', num_classes=3, in_chans=1); "
+            "print(type(m).__name__, m.model_name, m.num_features, len(list_models()))")
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["CifarResNet", "resnet8", "64", str(len(list_models()))]
+
+
+@pytest.mark.parametrize("name", ["wrn_16_2", "wrn_40_2"])
+def test_wrn_features_are_tapped_after_the_final_bn_relu(name: str) -> None:
+    """Unlike the authors' WRN (raw block3 output): after BN + ReLU only pooling and the FC follow, so the FT
+    there folds into the FC. The merge tests then prove the fold for every model."""
+    model = _model(name, 3).eval()
+    x = _inputs(name)[0]
+    with torch.no_grad():
+        raw = model.block3(model.block2(model.block1(model.conv1(x))))
+        assert torch.equal(model.forward_features(x), torch.relu(model.bn(raw)))
+        assert (raw < 0).any(), "the raw block3 output is not post-activation: the test would prove nothing"
 
 
 def test_unknown_name_lists_known_models() -> None:

@@ -1,7 +1,8 @@
-"""The paper-reproduction presets: they validate, carry the paper's recipe, and their models build with the
-channel counts ../shared/NORM.md lists."""
+"""The paper-reproduction presets: they validate, carry the authors' recipe, every value has its source in
+docs/presets.md, and their models build with the paper's channel counts."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -9,13 +10,13 @@ import torch
 
 from models.norm import NormStudent
 from models.registry import create_model
-from pipeline.config import load_config
+from pipeline.config import DistillCfg, load_config
 from stages.lib.training import TrainSpec, lr_at
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"
 
-# preset stem -> (teacher, student, last-stage channels of each per NORM.md, student lr)
+# preset stem -> (teacher, student, last-stage channels of each (the authors' model_channels), student lr)
 CIFAR = {
     "cifar100_resnet32x4_resnet8x4": ("resnet32x4", "resnet8x4", 256, 256, 0.05),
     "cifar100_wrn40_2_wrn16_2": ("wrn_40_2", "wrn_16_2", 128, 128, 0.05),
@@ -46,7 +47,9 @@ def test_cifar_preset_recipe(stem):
         assert drops == [150, 180, 210], section
     d = cfg.distill
     assert d.n == 8 and d.residual and d.alpha == 1.0 and d.logit_standardize and d.logit_scale == 2.5
-    assert (d.beta > 0) == stem.endswith("_kd")
+    assert d.beta == (1.0 if stem.endswith("_kd") else 0.0)
+    assert d.gamma == 0.1, "the authors' README recipe: -r 0.1 -a 0 -b 1.0 -s 8"
+    assert d.temperature == 4.0 and d.norm_schedule == DistillCfg().norm_schedule
     assert not cfg.teacher.logit_standardize and not cfg.baseline.logit_standardize
 
 
@@ -94,3 +97,77 @@ def test_presets_need_a_data_root(tmp_path):
             describe(dataset=c.dataset, root=c.root, download=False, train_limit=None, val_limit=None,
                      augment=c.augment, crop_padding=c.crop_padding, hflip=c.hflip, image_size=c.image_size)
         assert cfg.data.dataset == dataset
+
+
+# ----------------------------------------------------------------------------- every value has a source
+def _flatten(data: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _source_table(heading: str) -> dict[str, tuple[str, str]]:
+    """docs/presets.md table under ``heading``: key -> (value cell, source cell); ``*.k`` stands for the
+    teacher, baseline and distill sections."""
+    import re
+
+    text = (ROOT / "docs" / "presets.md").read_text()
+    body = text.split(heading, 1)[1].split("\n#", 1)[0]
+    rows: dict[str, tuple[str, str]] = {}
+    for line in body.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 3 or not cells[0].startswith("`"):
+            continue
+        for key in re.findall(r"`([\w.*]+)`", cells[0]):
+            names = [key.replace("*", s) for s in ("teacher", "baseline", "distill")] if key.startswith("*.") else [key]
+            for name in names:
+                rows[name] = (cells[1], cells[2])
+    return rows
+
+
+def _mentions(cell: str, value: object) -> bool:
+    import re
+
+    if isinstance(value, bool):
+        return str(value).lower() in cell.lower()
+    if isinstance(value, (int, float)):
+        return any(float(tok) == float(value) for tok in re.findall(r"-?\d+(?:\.\d+)?(?:e-?\d+)?", cell))
+    if isinstance(value, list):
+        return all(_mentions(cell, v) for v in value)
+    return str(value) in cell
+
+
+@pytest.mark.parametrize("pattern, heading", [("cifar100_*.yaml", "### CIFAR-100 presets"),
+                                              ("imagenet_*.yaml", "### ImageNet preset")])
+def test_every_preset_value_has_its_source_in_the_docs(pattern, heading):
+    """docs/presets.md gives each value the presets set, with its source (paper, README, script, code, or an
+    assumption said as such); a preset value missing there, or different from it, fails."""
+    import yaml
+
+    table = _source_table(heading)
+    assert table, f"no source table under {heading!r} in docs/presets.md"
+    for path in sorted(CONFIGS.glob(pattern)):
+        for key, value in _flatten(yaml.safe_load(path.read_text())).items():
+            if key in ("run.name", "data.root"):
+                continue
+            assert key in table, f"{path.name}: {key} has no row in docs/presets.md"
+            cell, source = table[key]
+            assert _mentions(cell, value), f"{path.name}: {key}={value!r}, docs/presets.md says {cell!r}"
+            assert re.search(r"paper|README|script|code|RepDistiller|assumption", source), (key, source)
+
+
+def test_tiny_config_is_tiny_and_in_the_readme():
+    """configs/tiny.yaml: a few hundred real Fashion-MNIST images, one epoch, tiny networks, every stage on;
+    the README offers it as the quickest way to see every stage (its wall time is measured, not asserted)."""
+    cfg = load_config(CONFIGS / "tiny.yaml")
+    assert cfg.data.dataset == "fashion_mnist" and cfg.data.root is None  # the real, installed dataset
+    assert 100 <= cfg.data.train_limit <= 1000 and cfg.data.val_limit <= 1000
+    assert cfg.teacher.epochs == cfg.baseline.epochs == cfg.distill.epochs == 1
+    for name in (cfg.teacher.model, cfg.student.model):
+        assert sum(p.numel() for p in create_model(name, num_classes=10, in_chans=1).parameters()) < 300_000
+    assert cfg.export.exporter == "torchscript" and cfg.benchmark.blocks <= 8
+    assert "norm-pipeline run -c configs/tiny.yaml" in (ROOT / "README.md").read_text()
