@@ -114,7 +114,7 @@ def run(config, run_dir, overrides, from_stage, to_stage, force, nproc, seeds) -
 @click.option("--seeds", default=None, metavar="S1,S2,...",
               help="student seeds per combination, e.g. 0,1,2 (default: the config's student seed)")
 @click.option("--to", "to_stage", default="distill", show_default=True, help="last stage of every combination")
-@click.option("--nproc", type=int, default=1, show_default=True,
+@click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
               help="processes per host for the training stages (launches torchrun; gloo on CPU, nccl on CUDA)")
 @guarded
 def sweep(config, run_dir, overrides, grid, seeds, to_stage, nproc) -> None:

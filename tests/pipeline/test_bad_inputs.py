@@ -57,10 +57,12 @@ def test_decompression_bomb_in_image_folder_names_the_file(tmp_path, workers):
 
 
 # ----------------------------------------------------------------------------- --nproc
+@pytest.mark.parametrize("command", ["run", "sweep"])
 @pytest.mark.parametrize("value", ["0", "-3"])
-def test_nproc_below_one_is_a_usage_error(tmp_path, value):
+def test_nproc_below_one_is_a_usage_error(tmp_path, value, command):
     rd = tmp_path / "run"
-    res = run_cli("run", "--nproc", value, "--run-dir", str(rd))
+    extra = ("--grid", "distill.n=2,4") if command == "sweep" else ()
+    res = run_cli(command, "--nproc", value, *extra, "--run-dir", str(rd))
     assert res.code == 2 and "Traceback" not in res.out + res.err, res
     assert f"Invalid value for '--nproc': {value} is not in the range x>=1." in res.err, res.err
     assert not rd.exists(), "a refused command touched the run directory"
