@@ -105,7 +105,12 @@ def test_interrupt_during_an_atomic_write_is_delivered_after_the_file_is_complet
         os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C in the middle of a checkpoint write
         f.write(b"second half")
 
-    with pytest.raises(KeyboardInterrupt):
-        _atomic_replace(tmp_path / "ckpt.pt", write)
+    # Ctrl-C's handler as in a terminal: a shell's background job (nohup, &) starts Python with SIGINT ignored
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _atomic_replace(tmp_path / "ckpt.pt", write)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, before)
     assert (tmp_path / "ckpt.pt").read_bytes() == b"first half second half"
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
