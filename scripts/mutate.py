@@ -95,10 +95,10 @@ def run_tests(tree: Path, tests: tuple[str, ...], timeout: float, extra: list[st
 
 
 def first_failure(output: str) -> str:
-    for line in output.splitlines():
-        if line.startswith(("FAILED ", "ERROR ")):
-            return line.split(" - ")[0].removeprefix("FAILED ").removeprefix("ERROR ")[:120]
-    return ""
+    """The first failing test's id, and how many more failed (with --maxfail above 1)."""
+    failed = [line.split(" - ")[0].split(" ", 1)[1][:120] for line in output.splitlines()
+              if line.startswith(("FAILED ", "ERROR "))]
+    return "" if not failed else failed[0] + (f" (+{len(failed) - 1} more)" if len(failed) > 1 else "")
 
 
 def run_one(m: Mutation, tree: Path, timeout: float, extra: list[str]) -> Result:
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 200)
     files = source_files(ROOT)
     with tempfile.TemporaryDirectory(prefix="norm-mutate-") as tmp:
         trees: Queue[Path] = Queue()
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
             with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
                 for r in pool.map(job, chosen):
                     results.append(r)
-                    progress.console.print(f"{r.mutation.id}: {r.status} ({r.seconds:.0f}s) {r.detail}")
+                    progress.console.print(f"{r.mutation.id}: {r.status} ({r.seconds:.0f}s) {r.detail}", soft_wrap=True)
                     progress.advance(task)
     console.print(table(results))
     counts = {s: sum(r.status == s for r in results) for s in ("killed", "timeout", "error", "survived", "stale")}

@@ -140,7 +140,7 @@ MUTATIONS: list[Mutation] = [
        (" and not force and not self.rd.modified_files(name):", " and not force:")),
     _m("state-upstream", "pipeline/runner.py", "status ignores stale inputs", RUNNER,
        ('in ("stale", "missing", "interrupted") for n in spec.inputs):', "in () for n in spec.inputs):")),
-    _m("work-reuse", "pipeline/runner.py", "resumes from another configuration's leftovers", RUNNER,
+    _m("work-reuse", "pipeline/runner.py", "resumes from another configuration's leftovers", ("tests/pipeline/test_resume_state.py",) + RUNNER,
        ("if work.exists() and (force or not marker.is_file() or marker.read_text() != fp):", "if work.exists() and force:")),
     # ------------------------------------------------------------------ stages/benchmark.py
     _m("bench-pair", "stages/benchmark.py", "issue 18 bug 2: merged_vs_vanilla timed on vanilla_b/vanilla", BENCHMARK,

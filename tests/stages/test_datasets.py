@@ -178,6 +178,14 @@ def test_batches_are_normalised_per_channel():
     assert x[2, 1, 1, 1].item() == pytest.approx((21 / 255 - 0.6) / 0.25)
 
 
+def test_channel_stats_are_per_channel():
+    g = torch.Generator().manual_seed(0)
+    x = torch.stack([torch.full((6, 5, 5), 51), torch.randint(0, 256, (6, 5, 5), generator=g), torch.full((6, 5, 5), 255)], 1)
+    mean, std = ds.channel_stats(x.to(torch.uint8))
+    f = x.float() / 255
+    assert mean == pytest.approx([0.2, f[:, 1].mean().item(), 1.0]) and std == pytest.approx([0.0, f[:, 1].std().item(), 0.0], abs=1e-6)
+
+
 def test_make_splits_normalise_with_the_data_stages_statistics(tiny_data_root):
     from stages.data import describe
 

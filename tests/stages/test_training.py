@@ -79,3 +79,13 @@ def test_resumed_weights_equal_an_uninterrupted_runs(tmp_path):
             assert torch.equal(resumed[epoch][k], v), f"after epoch {epoch + 1}, {k} differs from the uninterrupted run"
     assert got["top1"] == expected["top1"] and got["best_top1"] == expected["best_top1"]
     assert got["best_epoch"] == expected["best_epoch"]
+
+
+def test_evaluate_counts_top1_top5_and_the_loss():
+    from stages.lib.training import evaluate
+
+    logits = torch.tensor([[9.0, 1, 2, 3, 4, 5, 0], [0.0, 9, 8, 7, 6, 5, 4], [1.0, 2, 3, 4, 5, 6, 7]])
+    y = torch.tensor([0, 2, 0])  # right; second guess (top-5, not top-1); last place (neither)
+    got = evaluate(lambda x: x, [(logits[:2], y[:2]), (logits[2:], y[2:])])
+    assert got["top1"] == pytest.approx(1 / 3) and got["top5"] == pytest.approx(2 / 3)
+    assert got["loss"] == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-6)
