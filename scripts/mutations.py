@@ -78,6 +78,8 @@ MUTATIONS: list[Mutation] = [
        ("return spec.lr * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))", "return spec.lr * 0.5 * (1 + math.cos(math.pi * min(int(t), 1.0)))")),
     _m("eval-top1", "stages/lib/training.py", "top-1 counts top-5 hits", TRAINING,
        ("correct1 += (top[:, 0] == y).sum().item()", "correct1 += (top == y[:, None]).any(dim=1).sum().item()")),
+    _m("fit-top1", "stages/lib/training.py", "fit reports the training accuracy as top-1", TRAINING,
+       ('return {"top1": last.get("val_top1")', 'return {"top1": last.get("train_top1")')),
     _m("distill-schedule", "stages/distill.py", "issue 18 bug 7: distill ignores the NORM schedule", DISTILL,
        ("norm_multiplier=norm_weight(epoch / c.epochs, c.norm_schedule)", "norm_multiplier=1.0")),
     _m("distill-progress", "stages/distill.py", "schedule read at the epoch number, not the fraction", DISTILL,

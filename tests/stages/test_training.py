@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from stages.lib.datasets import TensorSplit
-from stages.lib.training import TrainSpec, fit
+from stages.lib.training import TrainSpec, evaluate, fit, read_history
 
 EPOCHS = 4
 
@@ -79,11 +79,12 @@ def test_resumed_weights_equal_an_uninterrupted_runs(tmp_path):
             assert torch.equal(resumed[epoch][k], v), f"after epoch {epoch + 1}, {k} differs from the uninterrupted run"
     assert got["top1"] == expected["top1"] and got["best_top1"] == expected["best_top1"]
     assert got["best_epoch"] == expected["best_epoch"]
+    # the reported top-1 is the last epoch's validation accuracy of this very model
+    assert got["top1"] == pytest.approx(read_history(tmp_path / "resumed" / "history.csv")[-1]["val_top1"], abs=1e-6)
+    assert got["top1"] == evaluate(model, val)["top1"]
 
 
 def test_evaluate_counts_top1_top5_and_the_loss():
-    from stages.lib.training import evaluate
-
     logits = torch.tensor([[9.0, 1, 2, 3, 4, 5, 0], [0.0, 9, 8, 7, 6, 5, 4], [1.0, 2, 3, 4, 5, 6, 7]])
     y = torch.tensor([0, 2, 0])  # right; second guess (top-5, not top-1); last place (neither)
     got = evaluate(lambda x: x, [(logits[:2], y[:2]), (logits[2:], y[2:])])
