@@ -20,7 +20,9 @@ class Mutation:
     tests: tuple[str, ...]
 
 
-MODELS = ("tests/models/test_merge.py", "tests/models/test_losses.py", "tests/models/test_norm.py")
+MERGE = ("tests/models/test_merge.py",)
+LOSSES = ("tests/models/test_losses.py",)
+FT = ("tests/models/test_norm.py", "tests/models/test_merge.py")
 TRAINING = ("tests/stages/test_training.py", "tests/pipeline/test_resume_state.py")
 DISTILL = ("tests/stages/test_wiring.py",)
 IO = ("tests/stages/test_atomic_io.py", "tests/pipeline/test_config.py")
@@ -39,31 +41,31 @@ def _m(id: str, path: str, what: str, tests: tuple[str, ...], *edits: tuple[str,
 
 MUTATIONS: list[Mutation] = [
     # ------------------------------------------------------------------ models/: the NORM maths
-    _m("merge-residual", "models/merge.py", "merge forgets the residual identity", MODELS,
+    _m("merge-residual", "models/merge.py", "merge forgets the residual identity", MERGE,
        ("a = a + torch.eye(", "a = a + 0 * torch.eye(")),
-    _m("merge-shift", "models/merge.py", "merge drops the FT's final BN shift", MODELS,
+    _m("merge-shift", "models/merge.py", "merge drops the FT's final BN shift", MERGE,
        ("c = bn2.scale * (w2 @ bn1.shift) + bn2.shift", "c = bn2.scale * (w2 @ bn1.shift)")),
-    _m("merge-eps", "models/merge.py", "BN affine without eps", MODELS,
+    _m("merge-eps", "models/merge.py", "BN affine without eps", MERGE,
        ("torch.sqrt(var + bn.eps)", "torch.sqrt(var)")),
-    _m("merge-bias", "models/merge.py", "folded FC loses its own bias", MODELS,
+    _m("merge-bias", "models/merge.py", "folded FC loses its own bias", MERGE,
        ("w_fc @ c + b_fc", "w_fc @ c")),
-    _m("merge-train-mode", "models/merge.py", "merge accepts a BN in training mode", MODELS,
+    _m("merge-train-mode", "models/merge.py", "merge accepts a BN in training mode", MERGE,
        ("    if bn.training:\n", "    if False:\n")),
-    _m("merge-nonlinear-head", "models/merge.py", "merge accepts a non-linear head", MODELS,
+    _m("merge-nonlinear-head", "models/merge.py", "merge accepts a non-linear head", MERGE,
        ("elif not isinstance(module, _PASS_THROUGH):", "elif False:")),
-    _m("loss-norm-n", "models/losses.py", "NORM loss without the factor N", MODELS,
+    _m("loss-norm-n", "models/losses.py", "NORM loss without the factor N", LOSSES,
        ("return n * F.mse_loss(", "return F.mse_loss(")),
-    _m("loss-kd-t2", "models/losses.py", "KD scaled by T instead of T^2", MODELS,
+    _m("loss-kd-t2", "models/losses.py", "KD scaled by T instead of T^2", LOSSES,
        ("* temperature**2", "* temperature")),
-    _m("loss-schedule-edge", "models/losses.py", "schedule pieces end inclusively", MODELS,
+    _m("loss-schedule-edge", "models/losses.py", "schedule pieces end inclusively", LOSSES,
        ("        if progress < end:", "        if progress <= end:")),
-    _m("loss-multiplier", "models/losses.py", "NORM term ignores the schedule multiplier", MODELS + DISTILL,
+    _m("loss-multiplier", "models/losses.py", "NORM term ignores the schedule multiplier", LOSSES + DISTILL,
        ("alpha * norm_multiplier * norm_loss", "alpha * norm_loss")),
-    _m("loss-align", "models/losses.py", "teacher map average- instead of max-pooled", MODELS,
+    _m("loss-align", "models/losses.py", "teacher map average- instead of max-pooled", LOSSES,
        ("F.adaptive_max_pool2d", "F.adaptive_avg_pool2d")),
-    _m("ft-residual", "models/norm.py", "FT never adds the residual", MODELS,
+    _m("ft-residual", "models/norm.py", "FT never adds the residual", FT,
        ("        if self.residual:\n            out = out + x", "        if False:\n            out = out + x")),
-    _m("ft-bypassed", "models/norm.py", "NormStudent's head reads the untransformed features", MODELS,
+    _m("ft-bypassed", "models/norm.py", "NormStudent's head reads the untransformed features", FT,
        ("return self.student.forward_head(transformed), expanded", "return self.student.forward_head(features), expanded")),
     # ------------------------------------------------------------------ stages/lib/training.py and the distill stage
     _m("resume-weights", "stages/lib/training.py", "issue 18 bug 1: resume restores the optimizer, not the weights", TRAINING,
