@@ -5,7 +5,7 @@ VPY       := $(VENV)/bin/python
 STAMP     := $(VENV)/.installed
 DATA_DIR  := /usr/share/datasets/fashion-mnist
 
-.PHONY: demo test setup data clean bench lint
+.PHONY: demo test setup data clean bench lint mutate
 
 demo: setup data            ## set everything up and run the full pipeline on Fashion-MNIST
 	$(VENV)/bin/norm-pipeline run -c pipeline.yaml
@@ -26,6 +26,9 @@ data:                       ## Debian's dataset-fashion-mnist, the embedded defa
 
 bench: setup data
 	$(VPY) benchmarks/train_step.py
+
+mutate: setup data          ## mutation testing (slow, not part of `make test`): MUTATE_ARGS="io graph- -j 2" selects
+	$(VPY) scripts/mutate.py $(MUTATE_ARGS)
 
 clean:
 	rm -rf runs .pytest_cache

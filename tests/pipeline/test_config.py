@@ -17,10 +17,29 @@ def test_embedded_default_validates():
     assert cfg.distill.n >= 1
 
 
+def _leaves(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        out.update(_leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
 def test_presets_validate():
+    """Every preset loads, and every value it sets (YAML anchors and merge keys included) is the one in effect."""
+    import yaml
+
     presets = sorted((ROOT / "configs").glob("*.yaml"))
+    assert len(presets) >= 11, [p.name for p in presets]
     for p in presets:
-        load_config(p)
+        cfg = load_config(p)
+        assert cfg.run.name == p.stem, p.name
+        written = _leaves(yaml.safe_load(p.read_text()))
+        in_effect = _leaves(cfg.model_dump(mode="json"))
+        assert any(k.endswith(".epochs") for k in written), p.name  # a recipe, not an empty file
+        for key, value in written.items():
+            got = in_effect[key]
+            assert got == value or (value is not None and str(got) == str(value)), f"{p.name}: {key} = {got!r}, file says {value!r}"
+        assert PipelineConfig.model_validate(cfg.model_dump()) == cfg
 
 
 def test_set_overrides_are_typed():
@@ -86,7 +105,12 @@ def test_interrupt_during_an_atomic_write_is_delivered_after_the_file_is_complet
         os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C in the middle of a checkpoint write
         f.write(b"second half")
 
-    with pytest.raises(KeyboardInterrupt):
-        _atomic_replace(tmp_path / "ckpt.pt", write)
+    # Ctrl-C's handler as in a terminal: a shell's background job (nohup, &) starts Python with SIGINT ignored
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _atomic_replace(tmp_path / "ckpt.pt", write)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, before)
     assert (tmp_path / "ckpt.pt").read_bytes() == b"first half second half"
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -114,10 +114,29 @@ def test_bundle_with_engines_and_latency(with_engines):
     assert m["gpu"] == {"name": "Fake GPU", "compute_capability": "8.7"} and m["latency"]["table"][0]["ms"] == 0.5
     assert m["accuracy"]["engine"] == {"fp32_top1": 0.41, "fp32_top1_agreement": 1.0}
     assert "model_fp16.plan" in (bundle / "README.md").read_text()
-    problems = verify_bundle(bundle)
-    assert len(problems) == 2 and all(p.startswith("warning:") for p in problems)
-    if trt.tensorrt_version() is None:
-        assert all("TensorRT is not installed here" in p and "10.3.0.26" in p for p in problems)
+
+
+# The engines were built (faked) with TensorRT 10.3.0.26 on a "Fake GPU" of compute capability 8.7; what
+# verify_bundle says about them depends only on the machine it runs on, so every machine is simulated here.
+@pytest.mark.parametrize("here, needles", [
+    ({"tensorrt_version": None, "gpu_name": None, "compute_capability": None},
+     ["TensorRT is not installed here", "10.3.0.26", "Fake GPU", "8.7"]),
+    ({"tensorrt_version": "10.3.0.26", "gpu_name": "Fake GPU", "compute_capability": "8.7"}, None),  # loads: no warning
+    ({"tensorrt_version": "10.8.0", "gpu_name": "Fake GPU", "compute_capability": "8.7"},
+     ["built with TensorRT 10.3.0.26 but this machine has TensorRT 10.8.0"]),
+    ({"tensorrt_version": "10.3.0.26", "gpu_name": "NVIDIA H200", "compute_capability": "9.0"},
+     ["built for compute capability 8.7 (Fake GPU) but this GPU (NVIDIA H200) has 9.0"]),
+    ({"tensorrt_version": "10.3.0.26", "gpu_name": None, "compute_capability": None}, ["no CUDA device is visible"]),
+])
+def test_verify_bundle_engine_warnings_per_machine(with_engines, monkeypatch, here, needles):
+    monkeypatch.setattr(trt, "runtime_info", lambda: dict(here))
+    problems = verify_bundle(with_engines[0] / "bundle")
+    if needles is None:
+        assert problems == []
+        return
+    assert len(problems) == 2 and all(p.startswith("warning:") for p in problems), problems
+    for plan, p in zip(("model_fp16.plan", "model_fp32.plan"), sorted(problems)):
+        assert plan in p and all(n in p for n in needles), p
 
 
 def test_verify_reports_tampering(plain, tmp_path):

@@ -151,13 +151,57 @@ def test_hflip_flips_about_half_and_nothing_else():
 
 
 # ----------------------------------------------------------------------------- sharding
+MEAN, STD = torch.tensor([0.2, 0.6]), torch.tensor([0.5, 0.25])
+
+
 def _split(n: int, **kw) -> ds.TensorSplit:
-    return ds.TensorSplit(torch.zeros(n, 1, 2, 2, dtype=torch.uint8), torch.arange(n), mean=torch.zeros(1),
-                          std=torch.ones(1), batch_size=3, **kw)
+    """Image i is filled with the value 10*i (channel 0) and 10*i + 1 (channel 1); its label is i."""
+    images = (10 * torch.arange(n)).view(n, 1, 1, 1).expand(n, 2, 2, 2).clone()
+    images[:, 1] += 1
+    return ds.TensorSplit(images.to(torch.uint8), torch.arange(n), mean=MEAN, std=STD, batch_size=3, **kw)
 
 
 def _seen(split: ds.TensorSplit) -> list[int]:
-    return [int(v) for _, y in split for v in y]
+    """Labels in iteration order, after checking every image arrived normalised and with its own label."""
+    out = []
+    for x, y in split:
+        raw = torch.stack([10 * y, 10 * y + 1], 1).float().view(-1, 2, 1, 1).expand_as(x) / 255
+        assert torch.allclose(x, (raw - MEAN.view(1, 2, 1, 1)) / STD.view(1, 2, 1, 1), atol=1e-6)
+        out += [int(v) for v in y]
+    return out
+
+
+def test_batches_are_normalised_per_channel():
+    x, y = next(iter(_split(4)))
+    assert x.dtype == torch.float32 and x.shape == (3, 2, 2, 2) and y.tolist() == [0, 1, 2]
+    assert x[2, 0, 0, 0].item() == pytest.approx((20 / 255 - 0.2) / 0.5)
+    assert x[2, 1, 1, 1].item() == pytest.approx((21 / 255 - 0.6) / 0.25)
+
+
+def test_channel_stats_are_per_channel():
+    g = torch.Generator().manual_seed(0)
+    x = torch.stack([torch.full((6, 5, 5), 51), torch.randint(0, 256, (6, 5, 5), generator=g), torch.full((6, 5, 5), 255)], 1)
+    mean, std = ds.channel_stats(x.to(torch.uint8))
+    f = x.float() / 255
+    assert mean == pytest.approx([0.2, f[:, 1].mean().item(), 1.0]) and std == pytest.approx([0.0, f[:, 1].std().item(), 0.0], abs=1e-6)
+
+
+def test_make_splits_normalise_with_the_data_stages_statistics(tiny_data_root):
+    from stages.data import describe
+
+    meta = describe(dataset="fashion_mnist", root=tiny_data_root, download=False, train_limit=None, val_limit=None,
+                    augment=True, crop_padding=2, hflip=True, image_size=28)
+    raw = ds.load_fashion_mnist(tiny_data_root)
+    mean, std = ds.channel_stats(raw["train"][0])
+    assert meta["mean"] == pytest.approx(mean) and meta["std"] == pytest.approx(std)
+    assert 0.05 < mean[0] < 0.9 and 0.05 < std[0] < 0.9  # a real normalisation, not the identity
+    train, val = ds.make_splits(meta, batch_size=32, eval_batch_size=50)
+    xs = torch.cat([x for x, _ in val])
+    assert torch.equal(torch.cat([y for _, y in val]), raw["val"][1])  # validation: every image once, in order
+    expected = (raw["val"][0].float() / 255 - mean[0]) / std[0]
+    assert torch.allclose(xs, expected, atol=1e-5)
+    xt = torch.cat([x for x, _ in train])
+    assert abs(xt.mean().item()) < 0.25 and 0.7 < xt.std().item() < 1.3  # augmented, but about standardised
 
 
 @pytest.mark.parametrize("world", [2, 3])

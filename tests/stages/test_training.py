@@ -1,0 +1,92 @@
+"""The training loop's resume path: an interrupted and resumed run must train exactly the model an
+uninterrupted run trains (weights, BatchNorm statistics, optimizer momentum, lr schedule), not merely log
+the right epoch numbers."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from stages.lib.datasets import TensorSplit
+from stages.lib.training import TrainSpec, evaluate, fit, read_history
+
+EPOCHS = 4
+
+
+def _tiny_net(seed: int) -> nn.Module:
+    """Conv + BatchNorm (so buffers matter) + linear head; ``seed`` gives each instance its own init."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(6, 4))
+
+
+def _splits() -> tuple[TensorSplit, TensorSplit]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (80, 1, 8, 8), dtype=torch.uint8, generator=g)
+    y = torch.randint(0, 4, (80,), generator=g)
+    common = dict(mean=torch.tensor([0.45]), std=torch.tensor([0.3]))
+    train = TensorSplit(x, y, batch_size=16, shuffle=True, augment=True, padding=1, hflip=True, seed=3, **common)
+    val = TensorSplit(x[:32], y[:32], batch_size=32, **common)
+    return train, val
+
+
+def _step(m, x, y, epoch):
+    logits = m(x)
+    return logits, {"ce": F.cross_entropy(logits, y)}
+
+
+def _train(model: nn.Module, out: Path, snapshots: dict[int, dict], stop_in_epoch: int | None = None) -> dict:
+    """fit() recording the weights after each epoch's training; KeyboardInterrupt inside ``stop_in_epoch``."""
+
+    def after_epoch(epoch: int) -> dict:
+        if epoch == stop_in_epoch:
+            raise KeyboardInterrupt  # Ctrl-C after epoch ``stop_in_epoch``'s steps, before its checkpoint
+        snapshots[epoch] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return {}
+
+    train, val = _splits()
+    spec = TrainSpec(epochs=EPOCHS, lr=0.1, momentum=0.9, weight_decay=5e-4, milestones=[0.5], lr_decay=0.1)
+    return fit(model=model, step=_step, train=train, val=val, spec=spec, out_dir=out, device="cpu", label="tiny",
+               log=lambda m: None, extra_row=after_epoch)
+
+
+def test_resumed_weights_equal_an_uninterrupted_runs(tmp_path):
+    full: dict[int, dict] = {}
+    expected = _train(_tiny_net(0), tmp_path / "full", full)
+
+    part: dict[int, dict] = {}
+    with pytest.raises(KeyboardInterrupt):
+        _train(_tiny_net(0), tmp_path / "resumed", part, stop_in_epoch=2)
+    assert sorted(part) == [0, 1] and (tmp_path / "resumed" / "ckpt" / "last.pt").is_file()
+    for epoch in part:  # same seed, same data order: the first epochs match before any resume
+        assert all(torch.equal(part[epoch][k], full[epoch][k]) for k in full[epoch]), epoch
+
+    logs: list[str] = []
+    resumed: dict[int, dict] = {}
+    model = _tiny_net(7)  # a new process builds a freshly initialised model: resume must overwrite it
+    train, val = _splits()
+    spec = TrainSpec(epochs=EPOCHS, lr=0.1, momentum=0.9, weight_decay=5e-4, milestones=[0.5], lr_decay=0.1)
+    got = fit(model=model, step=_step, train=train, val=val, spec=spec, out_dir=tmp_path / "resumed", device="cpu",
+              label="tiny", log=logs.append,
+              extra_row=lambda e: resumed.__setitem__(e, {k: v.detach().clone() for k, v in model.state_dict().items()}) or {})
+    assert any("resuming after epoch 2/4" in line for line in logs), logs
+    assert sorted(resumed) == [2, 3], "the resumed run must start at the first unfinished epoch"
+    for epoch in (2, 3):
+        for k, v in full[epoch].items():
+            assert torch.equal(resumed[epoch][k], v), f"after epoch {epoch + 1}, {k} differs from the uninterrupted run"
+    assert got["top1"] == expected["top1"] and got["best_top1"] == expected["best_top1"]
+    assert got["best_epoch"] == expected["best_epoch"]
+    # the reported top-1 is the last epoch's validation accuracy of this very model
+    assert got["top1"] == pytest.approx(read_history(tmp_path / "resumed" / "history.csv")[-1]["val_top1"], abs=1e-6)
+    assert got["top1"] == evaluate(model, val)["top1"]
+
+
+def test_evaluate_counts_top1_top5_and_the_loss():
+    logits = torch.tensor([[9.0, 1, 2, 3, 4, 5, 0], [0.0, 9, 8, 7, 6, 5, 4], [1.0, 2, 3, 4, 5, 6, 7]])
+    y = torch.tensor([0, 2, 0])  # right; second guess (top-5, not top-1); last place (neither)
+    got = evaluate(lambda x: x, [(logits[:2], y[:2]), (logits[2:], y[2:])])
+    assert got["top1"] == pytest.approx(1 / 3) and got["top5"] == pytest.approx(2 / 3)
+    assert got["loss"] == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-6)
