@@ -116,16 +116,19 @@ def first_images(meta: dict, n: int) -> np.ndarray:
     raise PipelineError("the validation set is empty (check data.val_limit)")
 
 
-def trtexec_command(onnx: str, plan: str, inp: str, shapes: dict, *, workspace_mb: int, level: int, hw: str,
-                    extra: tuple[str, ...] = ()) -> str:
-    """The trtexec line that rebuilds an engine like the pipeline's (same profile, workspace, level)."""
-    spec = lambda s: f"{inp}:{'x'.join(str(d) for d in s)}"  # noqa: E731
-    parts = ["trtexec", f"--onnx={onnx}", f"--saveEngine={plan}", f"--minShapes={spec(shapes['min'])}",
-             f"--optShapes={spec(shapes['opt'])}", f"--maxShapes={spec(shapes['max'])}",
-             f"--memPoolSize=workspace:{workspace_mb}", f"--builderOptimizationLevel={level}", *extra]
-    if hw == "ampere_plus":
-        parts.append("--hardwareCompatibilityLevel=ampere+")
-    return " \\\n    ".join(parts)
+def trtexec_commands(e: Any, inp: dict) -> dict[str, str]:
+    """The trtexec lines that rebuild the engines on the device, from the same BuildSettings the engine stage
+    builds with (stages.lib.trt_rules), so both agree on profile, workspace, level, TF32 and compatibility."""
+    from stages.lib.trt_rules import build_settings, trtexec_command
+
+    def settings(precision: str):
+        return build_settings(precision=precision, input_name=inp["name"], input_shape=inp["shape"], min_batch=e.min_batch,
+                              opt_batch=e.opt_batch, max_batch=e.max_batch, workspace_mb=e.workspace_mb,
+                              optimization_level=e.optimization_level, hardware_compatibility=e.hardware_compatibility)
+
+    return {"fp32": trtexec_command(settings("fp32"), "model.onnx", "device_fp32.plan"),
+            "fp16_trt10": trtexec_command(settings("fp16"), "model.onnx", "device_fp16.plan", fp16_mode="builder_flag"),
+            "fp16_trt11": trtexec_command(settings("fp16"), "model_fp16.onnx", "device_fp16.plan", fp16_mode="fp16_onnx")}
 
 
 def build_manifest(ctx: StageContext, meta: dict, props: dict, inp: dict, out: dict, engines: list, fp16: dict | None) -> dict:
@@ -133,7 +136,6 @@ def build_manifest(ctx: StageContext, meta: dict, props: dict, inp: dict, out: d
 
     e = ctx.cfg.engine
     shapes = profile_shapes(inp["shape"], e.min_batch, e.opt_batch, e.max_batch)
-    cmd = dict(inp=inp["name"], shapes=shapes, workspace_mb=e.workspace_mb, level=e.optimization_level, hw=e.hardware_compatibility)
     versions = {"python": ".".join(map(str, __import__("sys").version_info[:3])), "torch": _version("torch"),
                 "onnx": _version("onnx"), "onnxruntime": _version("onnxruntime"), "numpy": _version("numpy"),
                 "tensorrt": tensorrt_version(), "norm-pipeline": _pipeline_version()}
@@ -151,9 +153,7 @@ def build_manifest(ctx: StageContext, meta: dict, props: dict, inp: dict, out: d
         "fp16_onnx_check": fp16, "latency": latency_table(ctx), "engines": engines,
         "gpu": {"name": engines[0]["gpu_name"], "compute_capability": engines[0]["compute_capability"]} if engines else None,
         "versions": versions,
-        "trtexec": {"fp32": trtexec_command("model.onnx", "device_fp32.plan", **cmd),
-                    "fp16_trt10": trtexec_command("model.onnx", "device_fp16.plan", **cmd, extra=("--fp16",)),
-                    "fp16_trt11": trtexec_command("model_fp16.onnx", "device_fp16.plan", **cmd)},
+        "trtexec": trtexec_commands(e, inp),
     }
 
 
