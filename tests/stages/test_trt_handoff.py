@@ -129,9 +129,12 @@ def test_plan_version_is_checked_to_the_patch(env, tmp_path):
     side = trt.load_sidecar(plan.with_suffix(".json"))
     here = {"tensorrt_version": "10.3.0", "gpu_name": "Fake GPU", "compute_capability": "8.7"}
     trt.check_compatibility(side, here)
+    run_trt = load_run_trt()
+    assert run_trt.compatibility_problem(side, "10.3.0", ("Fake GPU", "8.7")) is None
     for other in ("10.3.1", "10.4.0", "10.3.0.27" if len(trt.parse_version(side["tensorrt_version"])) > 3 else "10.3.2"):
         with pytest.raises(PipelineError, match=r"exact version.*rebuild the engine with trtexec on the device.*trtexec --onnx="):
             trt.check_compatibility(side, {**here, "tensorrt_version": other})
+        assert "trtexec --onnx=model.onnx" in run_trt.compatibility_problem(side, other, ("Fake GPU", "8.7"))
     assert trt.same_tensorrt("10.3.0.26", "10.3.0") and not trt.same_tensorrt("10.3.0.26", "10.3.0.30")
     env_new = fake_tensorrt.make("10.3.1")  # the device has another patch release: refused before deserializing
     import sys
