@@ -91,8 +91,6 @@ def test_fake_surface_is_the_real_one(key):
 @pytest.mark.parametrize("key", sorted(VERSIONS))
 def test_fake_return_types_are_the_real_ones(key):
     """Methods return what the real ones return (IHostMemory, Dims, DataType, ...), per the recorded signatures."""
-    import typing
-
     m, checked = fake_tensorrt.make(VERSIONS[key]), 0
     for (cls, attr), sigs in ((k.split(".", 1), s) for k, s in RECORD[key]["signatures"].items()):
         fn = getattr(getattr(m, cls, None), attr, None)
@@ -124,7 +122,7 @@ def test_fake_is_strict(env):
 
 
 # ----------------------------------------------------------------------------- 1. exact plan version
-def test_plan_version_is_checked_to_the_patch(env, tmp_path):
+def test_plan_version_is_checked_to_the_patch(env, tmp_path, monkeypatch):
     plan = build(tmp_path, tiny_onnx(tmp_path / "model.onnx"))
     side = trt.load_sidecar(plan.with_suffix(".json"))
     here = {"tensorrt_version": "10.3.0", "gpu_name": "Fake GPU", "compute_capability": "8.7"}
@@ -136,14 +134,15 @@ def test_plan_version_is_checked_to_the_patch(env, tmp_path):
             trt.check_compatibility(side, {**here, "tensorrt_version": other})
         assert "trtexec --onnx=model.onnx" in run_trt.compatibility_problem(side, other, ("Fake GPU", "8.7"))
     assert trt.same_tensorrt("10.3.0.26", "10.3.0") and not trt.same_tensorrt("10.3.0.26", "10.3.0.30")
-    env_new = fake_tensorrt.make("10.3.1")  # the device has another patch release: refused before deserializing
-    import sys
-
-    sys.modules["tensorrt"] = env_new
+    fake_tensorrt.install(monkeypatch, "10.3.1")  # the device has another patch release: refused before deserializing
     with pytest.raises(PipelineError) as e:
         trt.TrtRunner(plan)
     assert "trtexec on the device" in str(e.value) and "deserialize" not in str(e.value)
     assert not fake_cuda.DEVICE
+    from stages.bundle import _engine_checks  # `bundle verify` warns with the same rule and command
+
+    warnings = _engine_checks(tmp_path, {"engines": [{"sidecar": "model_fp32.json"}]})
+    assert len(warnings) == 1 and warnings[0].startswith("warning:") and "10.3.1" in warnings[0] and "trtexec --onnx" in warnings[0]
 
 
 # ----------------------------------------------------------------------------- 2. construction failures, None results
