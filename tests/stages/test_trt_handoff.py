@@ -185,9 +185,12 @@ def test_tensorrt_failures_are_pipeline_errors(env, tmp_path, fault, match):
 
 # ----------------------------------------------------------------------------- 3. extras by CUDA major
 def test_tensorrt_extras_match_the_cuda_driver():
-    import tomllib
-
-    from packaging.requirements import Requirement
+    try:
+        import tomllib  # Python 3.11+
+    except ImportError:  # Python 3.10
+        tomllib = pytest.importorskip("tomli", reason="reading pyproject.toml on Python 3.10 needs tomli")
+    packaging = pytest.importorskip("packaging.requirements", reason="needs packaging (installed with pytest)")
+    Requirement = packaging.Requirement
 
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
 
