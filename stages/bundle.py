@@ -27,7 +27,7 @@ from stages.lib.errors import PipelineError
 from stages.lib.io import atomic_write_text, sha256_file
 
 FORMAT = "norm-pipeline/bundle/1"
-RUNNERS = ("run_onnx.py", "run_trt.py")
+RUNNERS = ("run_onnx.py", "run_trt.py", "edgekit.py")
 UNLISTED = ("manifest.json", "SHA256SUMS")  # describe the others; SHA256SUMS covers manifest.json too
 
 
@@ -76,6 +76,8 @@ def copy_engines(ctx: StageContext, bundle: Path) -> list[dict]:
     for plan in sorted(Path(ctx.inputs["engine"]).glob("*.plan")):
         side_path = plan.with_suffix(".json")
         side = load_sidecar(side_path)
+        if engine_gate(ctx, side.get("precision")):
+            continue
         shutil.copyfile(plan, bundle / plan.name)
         shutil.copyfile(side_path, bundle / side_path.name)
         engines.append({"plan": plan.name, "sidecar": side_path.name, "precision": side.get("precision"),
@@ -83,6 +85,17 @@ def copy_engines(ctx: StageContext, bundle: Path) -> list[dict]:
                         "compute_capability": side.get("compute_capability"),
                         "hardware_compatibility": side.get("hardware_compatibility"), "profile": side.get("profile")})
     return engines
+
+
+def engine_gate(ctx: StageContext, precision: str | None) -> str | None:
+    """Why an engine is not shipped: its top-1 is more than quantize.max_drop points below onnxruntime fp32."""
+    m = ctx.input_metrics("engine")
+    top1, ref = m.get(f"{precision}_top1"), m.get("ort_top1")
+    if precision == "fp32" or top1 is None or ref is None:
+        return None
+    drop = (ref - top1) * 100
+    return (f"{precision} engine top-1 {top1:.2%} is {drop:.2f} points below fp32 (quantize.max_drop = "
+            f"{ctx.cfg.quantize.max_drop}); not shipped") if drop > ctx.cfg.quantize.max_drop else None
 
 
 def fp16_onnx(src: Path, dst: Path, x: np.ndarray) -> dict:
@@ -153,7 +166,9 @@ def build_manifest(ctx: StageContext, meta: dict, props: dict, inp: dict, out: d
         "versions": versions,
         "trtexec": {"fp32": trtexec_command("model.onnx", "device_fp32.plan", **cmd),
                     "fp16_trt10": trtexec_command("model.onnx", "device_fp16.plan", **cmd, extra=("--fp16",)),
-                    "fp16_trt11": trtexec_command("model_fp16.onnx", "device_fp16.plan", **cmd)},
+                    "fp16_trt11": trtexec_command("model_fp16.onnx", "device_fp16.plan", **cmd),
+                    "int8": trtexec_command("model_int8.onnx", "device_int8.plan", **cmd, extra=("--stronglyTyped",))
+                    if (ctx.out_dir / "bundle" / "model_int8.onnx").is_file() else None},
     }
 
 
@@ -172,13 +187,31 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def precisions_table(rows: list[dict]) -> str:
+    """Markdown: every precision, its file (or why it is not shipped), accuracy, agreement, CPU speed-up."""
+    out = ["| precision | file | top-1 | vs fp32 (points) | top-1 agreement with fp32 | CPU speed-up vs fp32 [95% CI] |",
+           "| --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        sp = r.get("speedup_vs_fp32") or {}
+        speed = (f"{sp['speedup']:.2f}x [{sp['speedup_ci95'][0]:.2f}, {sp['speedup_ci95'][1]:.2f}] ({sp['verdict']})"
+                 if sp.get("speedup_ci95") else ("1.00x" if r["precision"] == "fp32" else "not measured"))
+        top1 = f"{r['top1']:.2%}" if r.get("top1") is not None else "—"
+        drop = f"{-r['drop_pts']:+.2f}" if r.get("drop_pts") is not None else "—"
+        agree = f"{r['top1_agreement_vs_fp32']:.2%}" if r.get("top1_agreement_vs_fp32") is not None else "—"
+        out.append(f"| {r['precision']} | {'`' + r['file'] + '`' if r.get('file') else 'not shipped: ' + r.get('reason', '')} "
+                   f"| {top1} | {drop} | {agree} | {speed} |")
+    return "\n".join(out)
+
+
 def render_readme(manifest: dict, names: list[str]) -> str:
     """README.md from the template: files, accuracy, input, runners, trtexec commands."""
     pp, acc, engines = manifest["preprocessing"], manifest["accuracy"], manifest["engines"]
     what = {"model.onnx": "the model: fp32, dynamic batch; build engines from this",
             "model_fp16.onnx": "the same model with fp16 weights and compute, fp32 input/output (TensorRT 11 fp16 builds)",
             "run_onnx.py": "classify images with onnxruntime", "run_trt.py": "classify images with a TensorRT engine",
-            "README.md": "this file", "manifest.json": "input, preprocessing, classes, accuracies, versions, file hashes",
+            "README.md": "this file", "edgekit.py": "self-test, latency and device-report code shared by the runners",
+            "golden.npz": "validation images (raw pixels), labels and the pipeline's logits for the self-test",
+            "model_int8.onnx": "INT8 model with Q/DQ nodes (static, per-channel; onnxruntime, or TensorRT INT8 builds)", "manifest.json": "input, preprocessing, classes, accuracies, versions, file hashes",
             "SHA256SUMS": "`sha256sum -c SHA256SUMS`"}
     for e in engines:
         what[e["plan"]] = (f"TensorRT {e['precision']} engine (TensorRT {e['tensorrt_version']}, {e['gpu_name']}, "
@@ -216,6 +249,11 @@ def render_readme(manifest: dict, names: list[str]) -> str:
         "MAX_BATCH": str(profile["max"][0]), "TRTEXEC_FP32": manifest["trtexec"]["fp32"],
         "TRTEXEC_FP16_TRT10": manifest["trtexec"]["fp16_trt10"], "TRTEXEC_FP16_TRT11": manifest["trtexec"]["fp16_trt11"],
         "FP16_ONNX_NOTE": fp16_note,
+        "INT8_SECTION": ("\n\nINT8 (TensorRT 10.x and 11.x): `model_int8.onnx` carries Q/DQ nodes (explicit quantization), so "
+                         "TensorRT builds it as a strongly typed network without calibration (TensorRT 11 has no calibrators; "
+                         "on 11 `--stronglyTyped` is the default and may be dropped):\n\n```bash\n"
+                         + manifest["trtexec"]["int8"] + "\n```") if manifest["trtexec"].get("int8") else "", "PRECISIONS_TABLE": precisions_table(manifest.get("precisions") or []),
+        "GOLDEN_N": str((manifest.get("selftest") or {}).get("samples") or 0),
         "DATA_NOTE": ("\n- Fashion-MNIST images are light objects on a black background: invert ordinary photos "
                       "(dark object on a light background) before classifying them."
                       if manifest["dataset"] == "fashion_mnist" else ""),
@@ -228,6 +266,53 @@ def render_readme(manifest: dict, names: list[str]) -> str:
     return text
 
 
+def quantize_report(ctx: StageContext) -> dict | None:
+    """quantize.json when the quantize stage ran (its gates decide what ships)."""
+    if "quantize" not in ctx.inputs:
+        return None
+    path = Path(ctx.inputs["quantize"]) / "quantize.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def precision_rows(quant: dict | None, fp16: dict | None) -> list[dict]:
+    """Every precision with its accuracy, agreement and CPU speed-up; ``file`` only where it ships."""
+    if quant is None:
+        rows = [{"precision": "fp32", "file": "model.onnx", "shipped": True, "note": "quantize stage not run"}]
+        if fp16:
+            rows.append({"precision": "fp16", "file": fp16["file"], "shipped": True, "samples": fp16["samples"],
+                         "top1_agreement_vs_fp32": fp16["top1_agreement_vs_fp32"],
+                         "note": "not gated on accuracy: the quantize stage did not run"})
+        return rows
+    rows = []
+    for p in ("fp32", "fp16", "int8"):
+        e = quant["precisions"][p]
+        shipped = bool(e["shipped"]) and (p != "fp16" or fp16 is not None)
+        row = {"precision": p, "file": e["file"] if shipped else None, "shipped": shipped, "top1": e["top1"],
+               "top1_agreement_vs_fp32": e["top1_agreement_vs_fp32"], "drop_pts": e["drop_pts"], "samples": e["samples"],
+               "speedup_vs_fp32": {"fp32": {"speedup": 1.0}, "int8": e.get("speedup_vs_fp32")}.get(p)}
+        if p == "fp16":
+            row["note"] = "speed-up not measured: fp16 is for GPUs (onnxruntime CPU emulates it)"
+        if not shipped:
+            row["reason"] = e.get("reason") or "bundle.fp16_onnx is false"
+        rows.append(row)
+    return rows
+
+
+def golden_spec(ctx: StageContext, meta: dict, bundle: Path) -> dict:
+    """golden.npz in the bundle and the self-test rules for the manifest."""
+    from stages.lib.golden import make_golden, tolerances
+
+    e = ctx.cfg.engine
+    tols = tolerances(fp32_atol=e.fp32_atol, fp32_rtol=e.fp32_rtol, fp16_atol=e.fp16_atol, fp16_rtol=e.fp16_rtol)
+    try:
+        spec = make_golden(meta, bundle / "model.onnx", bundle / "golden.npz", ctx.cfg.bundle.golden_samples)
+    except PipelineError as err:
+        if meta["dataset"] != "imagefolder":
+            raise
+        return {"golden": None, "reason": str(err), "tolerances": tols}
+    return {**spec, "tolerances": tols, "command": "python run_onnx.py --selftest [--precision fp16|int8]"}
+
+
 def run(ctx: StageContext) -> dict:
     from stages.lib.onnx_utils import read_metadata
     from stages.lib.trt import onnx_io
@@ -236,17 +321,24 @@ def run(ctx: StageContext) -> dict:
     if not src.is_file():
         raise PipelineError(f"{src} not found; re-run `norm-pipeline stage export`")
     meta = json.loads((Path(ctx.input("data")) / "dataset.json").read_text())
+    quant = quantize_report(ctx)
     bundle = ctx.out_dir / "bundle"
     if bundle.exists():
         shutil.rmtree(bundle)
     bundle.mkdir(parents=True)
     shutil.copyfile(src, bundle / "model.onnx")
     inputs, outputs = onnx_io(src)
-    fp16 = fp16_onnx(bundle / "model.onnx", bundle / "model_fp16.onnx", first_images(meta, 64)) if ctx.cfg.bundle.fp16_onnx else None
+    ship16 = ctx.cfg.bundle.fp16_onnx and (quant is None or quant["precisions"]["fp16"]["shipped"])
+    fp16 = fp16_onnx(bundle / "model.onnx", bundle / "model_fp16.onnx", first_images(meta, 64)) if ship16 else None
+    if quant is not None and quant["precisions"]["int8"]["shipped"]:
+        shutil.copyfile(Path(ctx.inputs["quantize"]) / "model_int8.onnx", bundle / "model_int8.onnx")
     engines = copy_engines(ctx, bundle)
     for name in RUNNERS:
         (bundle / name).write_text(bundle_file(name), encoding="utf-8")
+    selftest = golden_spec(ctx, meta, bundle)
     manifest = build_manifest(ctx, meta, read_metadata(src), inputs[0], outputs[0], engines, fp16)
+    manifest.update(selftest=selftest, precisions=precision_rows(quant, fp16),
+                    calibration=(quant or {}).get("calibration"))
     names = sorted([p.name for p in bundle.iterdir()] + ["README.md", *UNLISTED])
     (bundle / "README.md").write_text(render_readme(manifest, names), encoding="utf-8")
     manifest["files"] = {p.relative_to(bundle).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
@@ -330,11 +422,12 @@ def _extract_members(tar: tarfile.TarFile, dest: Path) -> list[str]:
     return []
 
 
-def verify_bundle(path: Path | str) -> list[str]:
+def verify_bundle(path: Path | str, selftest: bool = False) -> list[str]:
     """Problems with a bundle folder or its .tar.gz; ``[]`` means intact.
 
     Entries starting with ``warning:`` are not integrity failures: an engine that will not load on this
-    machine (other TensorRT/GPU), or that cannot be checked because TensorRT is absent here.
+    machine (other TensorRT/GPU), or that cannot be checked because TensorRT is absent here. With
+    ``selftest``, an intact bundle's own ``run_onnx.py --selftest`` also runs for every shipped ONNX precision.
     """
     path = Path(path)
     if path.is_file():
@@ -343,13 +436,40 @@ def verify_bundle(path: Path | str) -> list[str]:
             if problems:
                 return problems
             tops = list(Path(tmp).iterdir())
-            return _verify_folder(tops[0] if len(tops) == 1 and tops[0].is_dir() else Path(tmp))
+            return _verify_folder(tops[0] if len(tops) == 1 and tops[0].is_dir() else Path(tmp), selftest)
     if not path.is_dir():
         return [f"{path} does not exist"]
-    return _verify_folder(path)
+    return _verify_folder(path, selftest)
 
 
-def _verify_folder(root: Path) -> list[str]:
+def selftest_bundle(root: Path, manifest: dict) -> list[str]:
+    """The bundle's own ``run_onnx.py --selftest`` per shipped ONNX precision, in a fresh Python process."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    if not (manifest.get("selftest") or {}).get("golden"):
+        return ["warning: this bundle has no golden self-test (made by an older norm-pipeline, or an image-folder dataset)"]
+    if importlib.util.find_spec("onnxruntime") is None:
+        return ["warning: onnxruntime is not installed here, so the ONNX self-test did not run"]
+    out = []
+    for row in manifest.get("precisions") or [{"precision": "fp32", "file": "model.onnx"}]:
+        if not row.get("file") or not str(row["file"]).endswith(".onnx"):
+            continue
+        cmd = [sys.executable, str(root / "run_onnx.py"), "--selftest", "--precision", row["precision"],
+               "--manifest", str(root / "manifest.json")]
+        try:
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=root)
+        except subprocess.TimeoutExpired:
+            out.append(f"self-test ({row['precision']}) did not finish within 15 minutes")
+            continue
+        if res.returncode != 0:
+            last = (res.stderr.strip().splitlines() or ["(no output)"])[-1].removeprefix("error: ")
+            out.append(f"self-test ({row['precision']}): {last}")
+    return out
+
+
+def _verify_folder(root: Path, selftest: bool = False) -> list[str]:
     mpath = root / "manifest.json"
     if not mpath.is_file():
         return [f"manifest.json missing in {root}"]
@@ -382,7 +502,10 @@ def _verify_folder(root: Path) -> list[str]:
         listed = dict(reversed(line.split(None, 1)) for line in sums.read_text().splitlines() if line.strip())
         if listed.get("manifest.json") != sha256_file(mpath):
             problems.append("manifest.json does not match SHA256SUMS (edited after bundling?)")
-    return problems + _engine_checks(root, manifest)
+    problems += _engine_checks(root, manifest)
+    if selftest and not [p for p in problems if not p.startswith("warning:")]:
+        problems += selftest_bundle(root, manifest)
+    return problems
 
 
 def _engine_checks(root: Path, manifest: dict) -> list[str]:
