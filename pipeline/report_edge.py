@@ -13,7 +13,11 @@ def quantize_section(run: Run) -> Optional[dict]:
     if not q:
         return None
     rows = []
-    for p, e in q.get("precisions", {}).items():
+    precs = dict(q.get("precisions", {}))
+    if (precs.get("int8") or {}).get("qdq_reference"):  # the Q/DQ arithmetic itself (what TensorRT implements)
+        precs["int8 (Q/DQ reference, no fused CPU kernels)"] = {**precs["int8"]["qdq_reference"], "speedup_vs_fp32": None,
+                                                             "shipped": precs["int8"]["shipped"]}
+    for p, e in precs.items():
         sp = e.get("speedup_vs_fp32") or {}
         rows.append({"prec": p, "top1": fmt_pct(e.get("top1")), "drop": f"{-e.get('drop_pts', 0):+.2f}",
                      "agree": fmt_pct(e.get("top1_agreement_vs_fp32")), "state": "yes" if e.get("shipped") else "no",

@@ -22,7 +22,8 @@ TINY = ["data.train_limit=128", "data.val_limit=64", "verify.fp64_samples=32", "
         *[f"{s}.{k}" for s in ("teacher", "baseline", "distill") for k in ("epochs=1", "batch_size=64", "lr=0.05")],
         "export.parity_samples=32", "benchmark.blocks=2", "benchmark.block_runs=1", "benchmark.warmup=1",
         "benchmark.batch_sizes=[1]", "benchmark.bootstrap=100", "benchmark.multithreaded=false",
-        "benchmark.backends=[torch,onnxruntime]", "bundle.fp16_onnx=false"]
+        "benchmark.backends=[torch,onnxruntime]", "bundle.fp16_onnx=false", "quantize.blocks=2", "quantize.block_runs=1",
+        "quantize.warmup=0", "quantize.batch_sizes=[2]", "quantize.bootstrap=100", "quantize.calibration_samples=32"]
 
 
 @pytest.fixture(scope="module")
