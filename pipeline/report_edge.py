@@ -15,13 +15,14 @@ def quantize_section(run: Run) -> Optional[dict]:
     rows = []
     precs = dict(q.get("precisions", {}))
     if (precs.get("int8") or {}).get("qdq_reference"):  # the Q/DQ arithmetic itself (what TensorRT implements)
-        precs["int8 (Q/DQ reference, no fused CPU kernels)"] = {**precs["int8"]["qdq_reference"], "speedup_vs_fp32": None,
-                                                             "shipped": precs["int8"]["shipped"]}
+        ref = precs["int8"]["qdq_reference"]
+        precs["int8 (Q/DQ reference, no fused CPU kernels)"] = {**ref, "speedup_vs_fp32": None,
+                                                             "label": "gate passed" if ref["shipped"] else "gate failed"}
     for p, e in precs.items():
         sp = e.get("speedup_vs_fp32") or {}
         rows.append({"prec": p, "top1": fmt_pct(e.get("top1")), "drop": f"{-e.get('drop_pts', 0):+.2f}",
                      "agree": fmt_pct(e.get("top1_agreement_vs_fp32")), "state": "yes" if e.get("shipped") else "no",
-                     "text": "shipped" if e.get("shipped") else "not shipped", "reason": e.get("reason", ""),
+                     "text": e.get("label") or ("shipped" if e.get("shipped") else "not shipped"), "reason": e.get("reason", ""),
                      "speed": (f"{sp['speedup']:.2f}× [{sp['speedup_ci95'][0]:.2f}, {sp['speedup_ci95'][1]:.2f}]"
                                if sp.get("speedup_ci95") else ("1.00×" if p == "fp32" else "—"))})
     speed = [{"batch": c["batch"], "clock": c["clock"], "speedup": f"{c['speedup']:.2f}×",
