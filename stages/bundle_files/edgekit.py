@@ -12,6 +12,11 @@ it on a device without PyTorch. What it checks and measures:
 - ``device_facts``: CPU, GPU, driver/CUDA/TensorRT versions, Jetson L4T/JetPack release and nvpmodel mode,
   whichever are readable.
 - ``build_report`` / ``write_json``: the device report that ``norm-pipeline bundle ingest`` takes back.
+- ``edge_args`` / ``edge_checks``: ``--selftest`` and ``--report`` for any runner. A runner adds them with
+  ``edge_args(parser)`` and calls ``edge_checks(args, manifest, folder, infer, runner=..., backend=...,
+  artifact=..., precision=...)``; a TensorRT runner also passes ``source_onnx_sha256`` (the sidecar's
+  ``onnx_sha256``, so an engine built on the device is accepted by ``bundle ingest``) and ``extra_facts``
+  (``tensorrt_version``, ``gpu_name``, ``compute_capability``).
 """
 from __future__ import annotations
 
@@ -330,6 +335,58 @@ def build_report(*, runner: str, backend: dict, artifact, precision: str, manife
             "artifact": {"file": artifact.name, "sha256": sha256(artifact), "bytes": artifact.stat().st_size,
                          "precision": precision, "source_onnx_sha256": source_onnx_sha256},
             "device": facts, "selftest": selftest_result, "latency": latency}
+
+
+# ----------------------------------------------------------------------------- runner glue (any runtime)
+def edge_args(ap) -> None:
+    """--selftest / --report and the latency options (shared with run_trt.py)."""
+    ap.add_argument("--selftest", action="store_true",
+                    help="run golden.npz through the manifest's preprocessing and the model; compare with the pipeline's "
+                         "logits; exit 1 with the reason on failure")
+    ap.add_argument("--report", metavar="DEVICE_JSON", default=None,
+                    help="write a device report (device facts, self-test, latency) for `norm-pipeline bundle ingest`")
+    ap.add_argument("--batch-sizes", default=None, help="latency batch sizes for --report, e.g. 1,8,32 (default: 1 and "
+                                                       "the manifest's opt batch)")
+    ap.add_argument("--warmup", type=int, default=20, help="untimed runs per batch size before timing (default 20)")
+    ap.add_argument("--iters", type=int, default=200, help="timed runs per batch size (default 200)")
+
+
+def default_batches(manifest: dict) -> list:
+    opt = ((manifest.get("input") or {}).get("profile") or {}).get("opt") or [1]
+    return sorted({1, int(opt[0])})
+
+
+def edge_checks(args, manifest: dict, root: Path, infer, *, runner: str, backend: dict, artifact: Path,
+                precision: str, source_onnx_sha256=None, extra_facts=None) -> int:
+    """--selftest and --report for any runner: ``infer`` maps a float32 NCHW batch to logits."""
+    try:
+        result = selftest(infer, manifest, root, precision)
+    except SelfTestError as e:
+        if args.report is None:
+            fail(f"self-test could not run: {e}")
+        result = {"ok": None, "precision": precision, "reason": f"self-test could not run: {e}"}
+    if args.report is None:
+        if not result["ok"]:
+            fail(result["reason"])
+        print(f"self-test passed: {precision} {artifact.name}, top-1 agrees on {result['agreeing']}/{result['samples']} "
+              f"golden images, max abs diff {result['max_abs_diff']:.3g}")
+        return 0
+    try:
+        batch_sizes = parse_batches(args.batch_sizes) if args.batch_sizes else default_batches(manifest)
+        x = golden_inputs(manifest, root)
+    except (ValueError, SelfTestError) as e:
+        fail(str(e))
+    latency = measure_latency(infer, x, batch_sizes, warmup=max(0, args.warmup), iters=max(1, args.iters),
+                              progress=lambda r: print(f"batch {r['batch']}: p50 {r['p50_ms']:.3f} ms, p90 "
+                                                       f"{r['p90_ms']:.3f}, p99 {r['p99_ms']:.3f}", file=sys.stderr))
+    report = build_report(runner=runner, backend=backend, artifact=artifact, precision=precision, manifest=manifest,
+                          manifest_path=args.manifest, selftest_result=result, latency=latency,
+                          facts=device_facts(extra_facts), source_onnx_sha256=source_onnx_sha256)
+    write_json(args.report, report)
+    print(f"device report: {args.report} (self-test {'passed' if result['ok'] else 'FAILED'})")
+    if not result["ok"]:
+        fail(result["reason"])
+    return 0
 
 
 def fail(msg: str, code: int = 1):

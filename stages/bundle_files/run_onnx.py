@@ -22,6 +22,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # edgekit.py ships next to this script
+import edgekit  # noqa: E402
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
 
@@ -112,24 +113,6 @@ def batches(files: list, pp: dict, size: int):
         yield chunk, np.stack([preprocess(f, pp) for f in chunk])
 
 
-def edge_args(ap: argparse.ArgumentParser) -> None:
-    """--selftest / --report and the latency options (shared with run_trt.py)."""
-    ap.add_argument("--selftest", action="store_true",
-                    help="run golden.npz through the manifest's preprocessing and the model; compare with the pipeline's "
-                         "logits; exit 1 with the reason on failure")
-    ap.add_argument("--report", metavar="DEVICE_JSON", default=None,
-                    help="write a device report (device facts, self-test, latency) for `norm-pipeline bundle ingest`")
-    ap.add_argument("--batch-sizes", default=None, help="latency batch sizes for --report, e.g. 1,8,32 (default: 1 and "
-                                                       "the manifest's opt batch)")
-    ap.add_argument("--warmup", type=int, default=20, help="untimed runs per batch size before timing (default 20)")
-    ap.add_argument("--iters", type=int, default=200, help="timed runs per batch size (default 200)")
-
-
-def default_batches(manifest: dict) -> list:
-    opt = ((manifest.get("input") or {}).get("profile") or {}).get("opt") or [1]
-    return sorted({1, int(opt[0])})
-
-
 def model_for(manifest: dict, root: Path, precision: str) -> Path:
     """The ONNX file the manifest lists for ``precision`` (only shipped precisions are listed)."""
     listed = {p["precision"]: p for p in manifest.get("precisions") or [] if p.get("file")}
@@ -142,42 +125,6 @@ def model_for(manifest: dict, root: Path, precision: str) -> Path:
     return root / listed[precision]["file"]
 
 
-def edge_checks(args, manifest: dict, root: Path, infer, *, runner: str, backend: dict, artifact: Path,
-                precision: str, source_onnx_sha256=None, extra_facts=None) -> int:
-    """--selftest and --report for any runner: ``infer`` maps a float32 NCHW batch to logits."""
-    import edgekit
-
-    try:
-        result = edgekit.selftest(infer, manifest, root, precision)
-    except edgekit.SelfTestError as e:
-        if args.report is None:
-            edgekit.fail(f"self-test could not run: {e}")
-        result = {"ok": None, "precision": precision, "reason": f"self-test could not run: {e}"}
-    if args.report is None:
-        if not result["ok"]:
-            edgekit.fail(result["reason"])
-        print(f"self-test passed: {precision} {artifact.name}, top-1 agrees on {result['agreeing']}/{result['samples']} "
-              f"golden images, max abs diff {result['max_abs_diff']:.3g}")
-        return 0
-    try:
-        batch_sizes = edgekit.parse_batches(args.batch_sizes) if args.batch_sizes else default_batches(manifest)
-        x = edgekit.golden_inputs(manifest, root)
-    except (ValueError, edgekit.SelfTestError) as e:
-        edgekit.fail(str(e))
-    latency = edgekit.measure_latency(infer, x, batch_sizes, warmup=max(0, args.warmup), iters=max(1, args.iters),
-                                      progress=lambda r: print(f"batch {r['batch']}: p50 {r['p50_ms']:.3f} ms, p90 "
-                                                               f"{r['p90_ms']:.3f}, p99 {r['p99_ms']:.3f}", file=sys.stderr))
-    report = edgekit.build_report(runner=runner, backend=backend, artifact=artifact, precision=precision,
-                                  manifest=manifest, manifest_path=args.manifest, selftest_result=result,
-                                  latency=latency, facts=edgekit.device_facts(extra_facts),
-                                  source_onnx_sha256=source_onnx_sha256)
-    edgekit.write_json(args.report, report)
-    print(f"device report: {args.report} (self-test {'passed' if result['ok'] else 'FAILED'})")
-    if not result["ok"]:
-        edgekit.fail(result["reason"])
-    return 0
-
-
 def main(argv=None) -> int:
     ap = common_args("Classify images with model.onnx (onnxruntime, CPU by default).", images_required=False)
     ap.add_argument("--model", default=None, help="ONNX file (default: the manifest's file for --precision)")
@@ -185,7 +132,7 @@ def main(argv=None) -> int:
                     help="which shipped ONNX to run (model.onnx, model_fp16.onnx, model_int8.onnx); default fp32")
     ap.add_argument("--providers", default="CPUExecutionProvider",
                     help="comma-separated onnxruntime providers, e.g. CUDAExecutionProvider,CPUExecutionProvider")
-    edge_args(ap)
+    edgekit.edge_args(ap)
     args = ap.parse_args(argv)
     if args.images is None and not (args.selftest or args.report):
         ap.error("give an image or a folder, or --selftest / --report")
@@ -208,7 +155,7 @@ def main(argv=None) -> int:
 
     if args.selftest or args.report:
         backend = {"name": "onnxruntime", "version": ort.__version__, "providers": session.get_providers()}
-        return edge_checks(args, manifest, root, infer, runner="run_onnx.py", backend=backend, artifact=model,
+        return edgekit.edge_checks(args, manifest, root, infer, runner="run_onnx.py", backend=backend, artifact=model,
                            precision=args.precision)
     files = list_images(args.images)
     results = []
