@@ -20,7 +20,7 @@ def quantize_section(run: Run) -> Optional[dict]:
                                                              "label": "gate passed" if ref["shipped"] else "gate failed"}
     for p, e in precs.items():
         sp = e.get("speedup_vs_fp32") or {}
-        rows.append({"prec": p, "top1": fmt_pct(e.get("top1")), "drop": f"{-e.get('drop_pts', 0):+.2f}",
+        rows.append({"prec": p, "top1": fmt_pct(e.get("top1")), "drop": f"{0.0 - e.get('drop_pts', 0):+.2f}",
                      "agree": fmt_pct(e.get("top1_agreement_vs_fp32")), "state": "yes" if e.get("shipped") else "no",
                      "text": e.get("label") or ("shipped" if e.get("shipped") else "not shipped"), "reason": e.get("reason", ""),
                      "speed": (f"{sp['speedup']:.2f}× [{sp['speedup_ci95'][0]:.2f}, {sp['speedup_ci95'][1]:.2f}]"

@@ -196,7 +196,7 @@ def precisions_table(rows: list[dict]) -> str:
         speed = (f"{sp['speedup']:.2f}x [{sp['speedup_ci95'][0]:.2f}, {sp['speedup_ci95'][1]:.2f}] ({sp['verdict']})"
                  if sp.get("speedup_ci95") else ("1.00x" if r["precision"] == "fp32" else "not measured"))
         top1 = f"{r['top1']:.2%}" if r.get("top1") is not None else "—"
-        drop = f"{-r['drop_pts']:+.2f}" if r.get("drop_pts") is not None else "—"
+        drop = f"{0.0 - r['drop_pts']:+.2f}" if r.get("drop_pts") is not None else "—"
         agree = f"{r['top1_agreement_vs_fp32']:.2%}" if r.get("top1_agreement_vs_fp32") is not None else "—"
         out.append(f"| {r['precision']} | {'`' + r['file'] + '`' if r.get('file') else 'not shipped: ' + r.get('reason', '')} "
                    f"| {top1} | {drop} | {agree} | {speed} |")

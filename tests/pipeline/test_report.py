@@ -184,7 +184,7 @@ def test_report_shows_int8_drop_and_cpu_speedup(run_dir):
     section = page[page.index('id="precision"'):page.index('id="bundle"')]
     int8 = q["precisions"]["int8"]
     cell = q["speed"]["cells"][0]
-    assert f"{-int8['drop_pts']:+.2f}" in section and f"{int8['speedup_vs_fp32']['speedup']:.2f}×" in section
+    assert f"{0.0 - int8['drop_pts']:+.2f}" in section and f"{int8['speedup_vs_fp32']['speedup']:.2f}×" in section
     assert f"[{cell['speedup_ci95'][0]:.2f}, {cell['speedup_ci95'][1]:.2f}]" in section and cell["verdict"] in section
     summary = json.loads((run_dir / "summary.json").read_text())["quantize"]
     assert summary["int8_drop_pts"] == int8["drop_pts"] and summary["int8_speed_verdict"] == int8["speedup_vs_fp32"]["verdict"]
