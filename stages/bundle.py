@@ -133,8 +133,7 @@ def trtexec_commands(e: Any, inp: dict, int8: bool = False) -> dict[str, str | N
             "fp16_trt10": trtexec_command(settings("fp16"), "model.onnx", "device_fp16.plan", fp16_mode="builder_flag"),
             "fp16_trt11": trtexec_command(settings("fp16"), "model_fp16.onnx", "device_fp16.plan", fp16_mode="fp16_onnx"),
             # explicit quantization: the Q/DQ ONNX carries the precision, the network is strongly typed
-            "int8": trtexec_command(settings("fp32"), "model_int8.onnx", "device_int8.plan") + " \\\n    --stronglyTyped"
-            if int8 else None}
+            "int8": trtexec_command(settings("int8"), "model_int8.onnx", "device_int8.plan") if int8 else None}
 
 
 def build_manifest(ctx: StageContext, meta: dict, props: dict, inp: dict, out: dict, engines: list, fp16: dict | None) -> dict:

@@ -208,6 +208,13 @@ def fp16_mode_for(trt: Any) -> str:
     return "builder_flag" if getattr(trt.BuilderFlag, "FP16", None) is not None else "fp16_onnx"
 
 
+def network_flags(trt: Any) -> int:
+    """Creation flags of a strongly typed network: the STRONGLY_TYPED bit where the enum has it (10.x, 11.x), else 0
+    (a TensorRT whose networks are all strongly typed)."""
+    flag = getattr(getattr(trt, "NetworkDefinitionCreationFlag", None), "STRONGLY_TYPED", None)
+    return 0 if flag is None else 1 << int(flag)
+
+
 def check_build_target(settings: BuildSettings, trt: Any, gpu: dict, plat: dict) -> None:
     """Refuse, before building, what TensorRT cannot build here (and would only report as a failed build)."""
     level = settings.hardware_compatibility
@@ -245,8 +252,11 @@ def apply_settings(trt: Any, builder: Any, config: Any, settings: BuildSettings,
 
 def build_engine(onnx_path: Path | str, plan_path: Path | str, *, precision: str, min_batch: int, opt_batch: int,
                  max_batch: int, workspace_mb: int = 1024, optimization_level: int = 3, hardware_compatibility: str = "none",
-                 timing_cache_path: Optional[Path | str] = None, log=print) -> dict:
-    """Build ``plan_path`` (bytes exactly as TensorRT serialised them) and its sidecar JSON; returns the sidecar."""
+                 timing_cache_path: Optional[Path | str] = None, sidecar_extra: Optional[dict] = None, log=print) -> dict:
+    """Build ``plan_path`` (bytes exactly as TensorRT serialised them) and its sidecar JSON; returns the sidecar.
+
+    ``precision`` int8 means explicit quantization: ``onnx_path`` is a Q/DQ ONNX and the network is strongly typed
+    (``stages.lib.trt_int8``)."""
     import tensorrt as trt
 
     onnx_path, plan_path = Path(onnx_path), Path(plan_path)
@@ -268,7 +278,8 @@ def build_engine(onnx_path: Path | str, plan_path: Path | str, *, precision: str
             source = Path(tmp) / "model_fp16.onnx"
             convert_onnx_to_fp16(onnx_path, source)
         builder = _builder(trt)
-        network = _need(builder.create_network(0), "create_network")  # explicit batch is the only mode since 10.0
+        # explicit batch is the only mode since 10.0; int8 (Q/DQ) needs a strongly typed network
+        network = _need(builder.create_network(network_flags(trt) if settings.strongly_typed else 0), "create_network")
         parser = _need(trt.OnnxParser(network, _logger(trt)), "OnnxParser")
         if not parser.parse_from_file(str(source)):
             errors = [_parser_error_text(parser.get_error(i)) for i in range(parser.num_errors)]
@@ -291,6 +302,7 @@ def build_engine(onnx_path: Path | str, plan_path: Path | str, *, precision: str
                            hardware_compatibility=hardware_compatibility, inputs=inputs, outputs=outputs, build_seconds=seconds,
                            optimization_level=optimization_level, workspace_mb=workspace_mb, platform=plat,
                            trtexec=trtexec_command(settings, onnx_name, f"device_{precision}.plan", fp16_mode=fp16_mode or "builder_flag"))
+    sidecar.update(sidecar_extra or {})
     atomic_write_text(sidecar_path_for(plan_path), json.dumps(sidecar, indent=2))
     return sidecar
 

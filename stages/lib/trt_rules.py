@@ -21,6 +21,7 @@ from stages.lib.errors import PipelineError
 from stages.lib.io import sha256_file
 
 SIDECAR_FORMAT = "norm-pipeline/trt-engine/1"
+PRECISIONS = ("fp32", "fp16", "int8")
 HW_LEVELS = {"none": "NONE", "ampere_plus": "AMPERE_PLUS", "same_compute_capability": "SAME_COMPUTE_CAPABILITY"}
 TRTEXEC_HW = {"ampere_plus": "ampere+", "same_compute_capability": "sameComputeCapability"}
 INSTALL_HINT = ("pip install 'norm-pipeline[tensorrt-cu12]' (NVIDIA driver >= 525) or '[tensorrt-cu13]' (driver >= 580) "
@@ -108,16 +109,23 @@ class BuildSettings:
     hardware_compatibility: str = "none"
 
     def __post_init__(self) -> None:
-        if self.precision not in ("fp32", "fp16"):
-            raise PipelineError(f"unsupported engine precision {self.precision!r}; use fp32 or fp16 "
-                                "(INT8 needs Q/DQ nodes, later work)")
+        if self.precision not in PRECISIONS:
+            raise PipelineError(f"unsupported engine precision {self.precision!r}; use one of {', '.join(PRECISIONS)} "
+                                "(int8 is built from a Q/DQ ONNX, the quantize stage's model_int8.onnx)")
         if self.hardware_compatibility not in HW_LEVELS:
             raise PipelineError(f"engine.hardware_compatibility={self.hardware_compatibility!r}; use one of {', '.join(HW_LEVELS)}")
 
     @property
     def tf32(self) -> bool:
-        """fp32 means fp32: TF32 would loosen parity (TensorRT and trtexec enable it by default)."""
-        return self.precision != "fp32"
+        """fp32 means fp32: TF32 would loosen parity (TensorRT and trtexec enable it by default). int8 clears it too:
+        the layers its Q/DQ nodes leave in fp32 stay exact, as in the Q/DQ reference that gated it."""
+        return self.precision == "fp16"
+
+    @property
+    def strongly_typed(self) -> bool:
+        """int8 is explicit quantization: a strongly typed network whose Q/DQ nodes decide where int8 runs, with no
+        precision flag (TensorRT 11 has none; on 10.x they are not allowed with strong typing)."""
+        return self.precision == "int8"
 
     @property
     def shapes(self) -> dict[str, list[int]]:
@@ -125,7 +133,7 @@ class BuildSettings:
 
     def as_dict(self) -> dict:
         return {**asdict(self), "min_shape": list(self.min_shape), "opt_shape": list(self.opt_shape),
-                "max_shape": list(self.max_shape), "tf32": self.tf32}
+                "max_shape": list(self.max_shape), "tf32": self.tf32, "strongly_typed": self.strongly_typed}
 
 
 def check_profile(min_batch: int, opt_batch: int, max_batch: int) -> None:
@@ -162,6 +170,8 @@ def trtexec_args(settings: BuildSettings, onnx: str, plan: str, *, fp16_mode: st
             f"--memPoolSize=workspace:{settings.workspace_mb}M", f"--builderOptimizationLevel={settings.optimization_level}"]
     if not settings.tf32:
         args.append("--noTF32")
+    if settings.strongly_typed:
+        args.append("--stronglyTyped")
     if settings.precision == "fp16" and fp16_mode == "builder_flag":
         args.append("--fp16")
     if settings.hardware_compatibility != "none":

@@ -84,6 +84,9 @@ def make(version: str = "10.3.0", **faults: Any) -> types.ModuleType:
                                                   "TACTIC_DRAM", "TACTIC_SHARED_MEMORY"])
     HardwareCompatibilityLevel = enum.Enum("HardwareCompatibilityLevel", ["NONE", "AMPERE_PLUS"]
                                            + (["SAME_COMPUTE_CAPABILITY"] if v >= (10, 9) else []))
+    # an IntEnum, as pybind enums convert with int(); EXPLICIT_BATCH is gone in 11, STRONGLY_TYPED is in both
+    NetworkDefinitionCreationFlag = enum.IntEnum("NetworkDefinitionCreationFlag",
+                                                 ([("EXPLICIT_BATCH", 0)] if v[0] < 11 else []) + [("STRONGLY_TYPED", 1)])
     TensorIOMode = enum.Enum("TensorIOMode", ["NONE", "INPUT", "OUTPUT"])
     DataType = enum.Enum("DataType", ["FLOAT", "HALF", "INT8", "INT32", "BOOL", "UINT8", "FP8", "BF16", "INT64", "INT4"])
     _Severity = enum.Enum("Severity", ["INTERNAL_ERROR", "ERROR", "WARNING", "INFO", "VERBOSE"])
@@ -234,10 +237,19 @@ def make(version: str = "10.3.0", **faults: Any) -> types.ModuleType:
             return self._cache
 
     class INetworkDefinition:
-        __slots__ = ("_onnx",)
+        __slots__ = ("_onnx", "_flags")
 
-        def __init__(self) -> None:
+        def __init__(self, flags: int = 0) -> None:
             self._onnx: Optional[bytes] = None
+            self._flags = flags
+
+        def get_flag(self, flag: Any) -> bool:
+            _check(flag, NetworkDefinitionCreationFlag, "get_flag")
+            return bool(self._flags & (1 << int(flag)))
+
+        @property
+        def _strongly_typed(self) -> bool:
+            return v[0] >= 11 or self.get_flag(NetworkDefinitionCreationFlag.STRONGLY_TYPED)  # 11: always
 
         @property
         def num_inputs(self) -> int:
@@ -293,7 +305,7 @@ def make(version: str = "10.3.0", **faults: Any) -> types.ModuleType:
         def create_network(self, flags: int = 0) -> INetworkDefinition:
             _check(flags, int, "create_network")
             fake.calls.append(("create_network", flags))
-            return INetworkDefinition()
+            return INetworkDefinition(flags)
 
         def create_builder_config(self) -> IBuilderConfig:
             return IBuilderConfig()
@@ -308,9 +320,14 @@ def make(version: str = "10.3.0", **faults: Any) -> types.ModuleType:
             shapes = {n: s for p in config._profiles for n, s in p._shapes.items()}
             fake.calls.append(("build", {"flags": sorted(f.name for f in config._flags), "level": config._level,
                                          "hw": config._hw.name, "pools": {p.name: n for p, n in config._pools.items()},
-                                         "profile": {n: [list(x) for x in s] for n, s in shapes.items()}}))
+                                         "profile": {n: [list(x) for x in s] for n, s in shapes.items()},
+                                         "strongly_typed": network._strongly_typed}))
             if fake.build_fails or network._onnx is None:
                 log("Error: engine build failed")
+                return None
+            precision_flags = sorted(f.name for f in config._flags if f.name in ("FP16", "INT8", "BF16"))
+            if network._strongly_typed and precision_flags:  # real: an API usage error, no engine
+                log(f"Error: precision flags {precision_flags} are not allowed with a strongly typed network")
                 return None
             if any(-1 in i["shape"] and i["name"] not in shapes for i in ins):
                 log("Error: network has dynamic inputs but no optimization profile")

@@ -332,6 +332,8 @@ def _config_as_trtexec(call: dict, input_name: str) -> dict:
         out["noTF32"] = True  # trtexec enables TF32 unless told otherwise
     if "FP16" in call["flags"]:
         out["fp16"] = True
+    if call["strongly_typed"]:
+        out["stronglyTyped"] = True
     if call["hw"] != "NONE":
         out["hardwareCompatibilityLevel"] = {"AMPERE_PLUS": "ampere+", "SAME_COMPUTE_CAPABILITY": "sameComputeCapability"}[call["hw"]]
     return out
@@ -343,22 +345,47 @@ def test_trtexec_command_is_the_pipelines_build(tmp_path, monkeypatch, version, 
     from types import SimpleNamespace
 
     from stages.bundle import trtexec_commands
+    from stages.lib.trt_int8 import build_int8_engine
 
     fake_cuda.DEVICE.clear()
     fake_cuda.install(monkeypatch)
     fake = fake_tensorrt.install(monkeypatch, version)
     onnx_path = tiny_onnx(tmp_path / "model.onnx")
+    qdq = tiny_onnx(tmp_path / "model_int8.onnx")  # the fake builds any ONNX; the name is what the line ships
     cfg = SimpleNamespace(min_batch=2, opt_batch=4, max_batch=16, workspace_mb=512, optimization_level=4, hardware_compatibility=hw)
-    shipped = trtexec_commands(cfg, trt.onnx_io(onnx_path)[0][0])
-    for precision in ("fp32", "fp16"):
-        build(tmp_path, onnx_path, precision, min_batch=2, opt_batch=4, max_batch=16, workspace_mb=512,
-              optimization_level=4, hardware_compatibility=hw)
+    shipped = trtexec_commands(cfg, trt.onnx_io(onnx_path)[0][0], int8=True)
+    kw = dict(min_batch=2, opt_batch=4, max_batch=16, workspace_mb=512, optimization_level=4, hardware_compatibility=hw)
+    for precision in ("fp32", "fp16", "int8"):
+        if precision == "int8":  # the engine stage's int8 path
+            build_int8_engine(qdq, tmp_path / "model_int8.plan", timing_cache_path=tmp_path / "cache", log=lambda m: None, **kw)
+        else:
+            build(tmp_path, onnx_path, precision, **kw)
         call = [c[1] for c in fake._fake.calls if c[0] == "build"][-1]
         side = trt.load_sidecar(tmp_path / f"model_{precision}.json")
         got = _trtexec_settings(side["trtexec"])
-        key = "fp32" if precision == "fp32" else ("fp16_trt10" if version.startswith("10") else "fp16_trt11")
+        key = precision if precision != "fp16" else ("fp16_trt10" if version.startswith("10") else "fp16_trt11")
         assert _trtexec_settings(shipped[key]) == got  # the bundle's command is the sidecar's
-        assert got.pop("onnx") == ("model_fp16.onnx" if key == "fp16_trt11" else "model.onnx")
+        assert got.pop("onnx") == {"fp16_trt11": "model_fp16.onnx", "int8": "model_int8.onnx"}.get(key, "model.onnx")
         assert got.pop("saveEngine") == f"device_{precision}.plan"
-        assert got == _config_as_trtexec(call, "input"), (precision, side["trtexec"])
+        want = _config_as_trtexec(call, "input")
+        if version.startswith("11") and precision != "int8":  # trtexec 11 is always strongly typed, as the network is
+            assert want.pop("stronglyTyped")
+        assert got == want, (precision, side["trtexec"])
     assert "--noTF32" in shipped["fp32"] and "--noTF32" not in shipped["fp16_trt10"]
+    assert "--stronglyTyped" in shipped["int8"] and "--noTF32" in shipped["int8"] and "--fp16" not in shipped["int8"] and "--int8" not in shipped["int8"]
+    assert side["quantization"].startswith("explicit") and side["platform"] and side["precision"] == "int8"
+
+
+def test_int8_build_refuses_precision_flags_on_a_strongly_typed_network(env, tmp_path):
+    """The fake fails, as TensorRT does, when a strongly typed network also gets a precision flag."""
+    from stages.lib.trt_int8 import network_flags
+
+    builder = env.Builder(env.Logger())
+    net = builder.create_network(network_flags(env))
+    assert net.get_flag(env.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    env.OnnxParser(net, env.Logger()).parse_from_file(str(tiny_onnx(tmp_path / "m.onnx")))
+    config = builder.create_builder_config()
+    config.set_flag(env.BuilderFlag.INT8)
+    assert builder.build_serialized_network(net, config) is None and "not allowed" in env._fake.log[-1]
+    with pytest.raises(PipelineError, match="unsupported engine precision 'int4'"):
+        trt.BuildSettings(precision="int4", input_name="input", min_shape=(1,), opt_shape=(1,), max_shape=(1,))
