@@ -9,6 +9,9 @@ Input and output types are read from the engine (an fp16-I/O engine gets fp16 in
 
     python run_trt.py photo.png
     python run_trt.py images/ --engine model_fp16.plan --top-k 3
+    python run_trt.py --selftest                   # golden images vs the pipeline's logits (exit 1 on failure)
+    python run_trt.py --selftest --engine device_int8.plan --precision int8
+    python run_trt.py --report device.json         # self-test + device facts + latency, for `norm-pipeline bundle ingest`
 """
 from __future__ import annotations
 
@@ -22,7 +25,8 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from run_onnx import batches, common_args, list_images, load_manifest, report, top_k  # noqa: E402
+import edgekit  # noqa: E402 - ships next to this script
+from run_onnx import batches, common_args, list_images, load_manifest, model_for, report, top_k  # noqa: E402
 
 
 def sha256(path: Path) -> str:
@@ -258,13 +262,74 @@ class Engine:
         return np.concatenate(outs)
 
 
+def cuda_versions() -> dict:
+    """The CUDA driver API and runtime versions ('12.4') through cuda-python, where it is installed."""
+    out = {}
+    try:
+        try:
+            from cuda.bindings import runtime as cudart
+        except ImportError:
+            from cuda import cudart
+        for key, fn in (("cuda_driver_version", "cudaDriverGetVersion"), ("cuda_runtime_version", "cudaRuntimeGetVersion")):
+            err, v = getattr(cudart, fn)()
+            if err == cudart.cudaError_t.cudaSuccess and int(v) > 0:
+                out[key] = f"{int(v) // 1000}.{int(v) % 1000 // 10}"
+    except Exception:  # noqa: BLE001 - absent or broken: the versions stay unknown
+        pass
+    return out
+
+
+def engine_precision(args, manifest: dict, plan: Path, side: dict | None) -> str:
+    """The engine's precision (its self-test tolerance): --precision, else the sidecar's, else the manifest's entry."""
+    listed = {Path(e.get("plan", "")).name: e.get("precision") for e in manifest.get("engines") or []}
+    known = args.precision or (side or {}).get("precision") or listed.get(plan.name)
+    if known is None:
+        sys.exit(f"error: the precision of {plan.name} is unknown (no sidecar): pass --precision fp32, fp16 or int8")
+    if side and args.precision and side.get("precision") not in (None, args.precision):
+        sys.exit(f"error: --precision {args.precision} but {plan.name}'s sidecar says {side['precision']}")
+    return known
+
+
+def source_onnx(manifest: dict, root: Path, side: dict | None, precision: str) -> tuple:
+    """(sha256, how known) of the ONNX the engine was built from: the sidecar's record, else the bundle's ONNX for the
+    precision (the trtexec commands in README.md build device_<precision>.plan from it)."""
+    if side and side.get("onnx_sha256"):
+        return side["onnx_sha256"], f"sidecar ({side.get('onnx')})"
+    onnx = model_for(manifest, root, precision)
+    if not onnx.is_file():
+        return None, "unknown"
+    return sha256(onnx), f"assumed: {onnx.name} (no sidecar; the README's trtexec command for {precision})"
+
+
+def edge_run(args, manifest: dict, root: Path, plan: Path, side: dict | None, engine: "Engine", trt_version) -> int:
+    """--selftest / --report with the shared kit: precision tolerances from the manifest, TensorRT facts in the report."""
+    precision = engine_precision(args, manifest, plan, side)
+    onnx_sha, onnx_how = source_onnx(manifest, root, side, precision)
+    gpu, plat = gpu_info(), platform_info()
+    facts = {"tensorrt_version": trt_version, "gpu_name": gpu[0] if gpu else None,
+             "compute_capability": gpu[1] if gpu else None, "driver_version": plat.get("driver"),
+             "engine_sha256": sha256(plan), "buffer_backend": engine.bufs.name, **cuda_versions()}
+    backend = {"name": "tensorrt", "version": trt_version, "buffers": engine.bufs.name,
+               "buffers_note": engine.bufs.note or None, "engine_precision": precision, "source_onnx": onnx_how,
+               "profile": {"min": list(engine.min_shape), "max": list(engine.max_shape)}}
+    return edgekit.edge_checks(args, manifest, root, engine.infer, runner="run_trt.py", backend=backend, artifact=plan,
+                               precision=precision, source_onnx_sha256=onnx_sha, extra_facts=facts)
+
+
 def main(argv=None) -> int:
-    ap = common_args("Classify images with a TensorRT engine from this bundle.")
+    ap = common_args("Classify images with a TensorRT engine from this bundle.", images_required=False)
     ap.add_argument("--engine", default=None, help="plan file (default: the first engine listed in the manifest)")
     ap.add_argument("--sidecar", default=None, help="engine sidecar JSON (default: the plan's name with .json)")
+    ap.add_argument("--precision", default=None, choices=("fp32", "fp16", "int8"),
+                    help="the engine's precision, for the self-test tolerance (default: from its sidecar or the manifest)")
+    edgekit.edge_args(ap)
     args = ap.parse_args(argv)
+    if args.images is None and not (args.selftest or args.report):
+        ap.error("give an image or a folder, or --selftest / --report")
     manifest = load_manifest(args.manifest)
-    root = Path(args.manifest).parent
+    root = Path(args.manifest).resolve().parent
+    if not (root / manifest["model"]["onnx"]).is_file():  # a manifest copied elsewhere: the files are here
+        root = HERE
     if args.engine is None and not manifest.get("engines"):
         sys.exit("error: this bundle has no TensorRT engine; build one from model.onnx with trtexec (README.md), "
                  "then pass it with --engine")
@@ -278,7 +343,10 @@ def main(argv=None) -> int:
         trt_version = None
     if not plan.is_file():
         sys.exit(f"error: engine {plan} not found")
-    side = json.loads(sidecar.read_text()) if sidecar.is_file() else None
+    try:
+        side = json.loads(sidecar.read_text()) if sidecar.is_file() else None
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: engine sidecar {sidecar} is not readable JSON ({e}); pass --sidecar or remove it")
     if side is not None and side.get("plan_sha256") not in (None, sha256(plan)):
         print(f"note: {sidecar.name} describes another build of {plan.name}; not using it", file=sys.stderr)
         side = None
@@ -294,6 +362,8 @@ def main(argv=None) -> int:
     engine = Engine(plan, side)
     if engine.bufs.note:
         print(f"note: {engine.bufs.note}; using {engine.bufs.name}", file=sys.stderr)
+    if args.selftest or args.report:
+        return edge_run(args, manifest, root, plan, side, engine, trt_version)
     files = list_images(args.images)
     results = []
     for chunk, x in batches(files, manifest["preprocessing"], args.batch):
