@@ -226,7 +226,8 @@ def render_readme(manifest: dict, names: list[str]) -> str:
         "INT8_SECTION": ("\n\nINT8 (TensorRT 10.x and 11.x): `model_int8.onnx` carries Q/DQ nodes (explicit quantization), so "
                          "TensorRT builds it as a strongly typed network without calibration (TensorRT 11 has no calibrators; "
                          "on 11 `--stronglyTyped` is the default and may be dropped):\n\n```bash\n"
-                         + manifest["trtexec"]["int8"] + "\n```") if manifest["trtexec"].get("int8") else "", "PRECISIONS_TABLE": precisions_table(manifest.get("precisions") or []),
+                         + manifest["trtexec"]["int8"] + "\npython run_trt.py --selftest --engine device_int8.plan --precision int8"
+                         "\n```") if manifest["trtexec"].get("int8") else "", "PRECISIONS_TABLE": precisions_table(manifest.get("precisions") or []),
         "GOLDEN_N": str((manifest.get("selftest") or {}).get("samples") or 0),
         "DATA_NOTE": ("\n- Fashion-MNIST images are light objects on a black background: invert ordinary photos "
                       "(dark object on a light background) before classifying them."

@@ -177,3 +177,13 @@ def test_report_for_another_bundle_is_refused(env, bundle, tmp_path):
     got = CliRunner().invoke(main, ["bundle", "ingest", str(out), "--run-dir", str(rd)])
     assert got.exit_code == 2 and "belongs to another bundle" in got.output and "Traceback" not in got.output
     assert not (rd / "devices").exists()
+
+
+def test_help_and_readme_name_the_selftest_and_report(bundle, tmp_path):
+    res = run_trt(bundle, "--help", cwd=tmp_path)
+    assert res.returncode == 0 and "--selftest" in res.stdout and "--report" in res.stdout and "--precision" in res.stdout
+    res = run_trt(bundle, cwd=tmp_path)  # nothing to do: a usage error, not a traceback
+    assert res.returncode == 2 and "--selftest / --report" in res.stderr and "Traceback" not in res.stderr
+    readme = (bundle / "README.md").read_text()
+    assert "python run_trt.py --selftest --engine" in readme and "python run_trt.py --report" in readme
+    assert "engine's sha256" in readme
