@@ -1,4 +1,5 @@
-"""Stage `engine`: TensorRT engines (fp32, fp16) from export/model.onnx, checked on the validation set.
+"""Stage `engine`: TensorRT engines (fp32, fp16 from export/model.onnx; int8 from the quantize stage's Q/DQ ONNX),
+checked on the validation set.
 
 Each precision gives ``model_<prec>.plan`` (TensorRT's bytes, loadable by trtexec) and ``model_<prec>.json``
 (the sidecar: TensorRT version, GPU, profile, hashes). Every engine is compared with onnxruntime on the CPU

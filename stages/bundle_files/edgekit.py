@@ -16,7 +16,8 @@ it on a device without PyTorch. What it checks and measures:
   ``edge_args(parser)`` and calls ``edge_checks(args, manifest, folder, infer, runner=..., backend=...,
   artifact=..., precision=...)``; a TensorRT runner also passes ``source_onnx_sha256`` (the sidecar's
   ``onnx_sha256``, so an engine built on the device is accepted by ``bundle ingest``) and ``extra_facts``
-  (``tensorrt_version``, ``gpu_name``, ``compute_capability``).
+  (``tensorrt_version``, CUDA/driver versions, ``gpu_name``, ``compute_capability``, ``engine_sha256``,
+  ``buffer_backend``), as run_trt.py does.
 """
 from __future__ import annotations
 

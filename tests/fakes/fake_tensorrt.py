@@ -17,7 +17,9 @@ Failure paths, switched on per fake (``make(..., **faults)``, or ``fake._fake.<f
 ``parse_errors`` (list of messages: parse_from_file returns False), ``build_fails`` (build_serialized_network
 returns None), ``deserialize_fails`` (deserialize_cuda_engine returns None), ``context_fails``
 (create_execution_context returns None), ``reject_shapes`` (set_input_shape returns False; it also does so,
-like the real one, for a shape outside the profile).
+like the real one, for a shape outside the profile). Like the real builder it also refuses (returns None) a
+strongly typed network (``NetworkDefinitionCreationFlag.STRONGLY_TYPED``; every network on 11.x) given a
+precision flag (FP16/INT8/BF16).
 
 Use::
 

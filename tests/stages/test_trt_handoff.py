@@ -372,7 +372,8 @@ def test_trtexec_command_is_the_pipelines_build(tmp_path, monkeypatch, version, 
             assert want.pop("stronglyTyped")
         assert got == want, (precision, side["trtexec"])
     assert "--noTF32" in shipped["fp32"] and "--noTF32" not in shipped["fp16_trt10"]
-    assert "--stronglyTyped" in shipped["int8"] and "--noTF32" in shipped["int8"] and "--fp16" not in shipped["int8"] and "--int8" not in shipped["int8"]
+    int8_line = shipped["int8"]
+    assert "--stronglyTyped" in int8_line and "--noTF32" in int8_line and "--fp16" not in int8_line and "--int8" not in int8_line
     assert side["quantization"].startswith("explicit") and side["platform"] and side["precision"] == "int8"
 
 
