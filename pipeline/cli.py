@@ -218,10 +218,11 @@ def bundle() -> None:
               help="also fail when an engine cannot load on this machine (run it on the target device)")
 @guarded
 def bundle_verify(path, strict) -> None:
-    """Check every file hash of a bundle folder or .tar.gz, and engine compatibility with this machine."""
+    """Check every file hash of a bundle folder or .tar.gz, engine compatibility with this machine, and run the
+    bundle's ONNX self-test (golden images vs the pipeline's logits) for every shipped precision."""
     from stages.bundle import verify_bundle
 
-    problems = verify_bundle(Path(path))
+    problems = verify_bundle(Path(path), selftest=True)
     errors = [p for p in problems if not p.startswith("warning")]
     engines = [p.removeprefix("warning: ") for p in problems if strict and p.startswith("warning")]
     for p in problems:
@@ -231,7 +232,26 @@ def bundle_verify(path, strict) -> None:
               "copy the bundle again from its source, or rebuild it with `norm-pipeline stage bundle --force`", code=1)
     if engines:
         _fail(f"bundle {path} is intact, but an engine cannot run on this machine: {engines[0]}", code=1)
-    click.echo(f"bundle {path}: OK (all hashes match)")
+    tested = not any("self-test did not run" in p or "no golden self-test" in p for p in problems)
+    click.echo(f"bundle {path}: OK (all hashes match{'; ONNX self-test passed' if tested else ''})")
+
+
+@bundle.command(name="ingest")
+@click.argument("report", type=click.Path(exists=True, dir_okay=False))
+@config_option
+@run_dir_option
+@set_option
+@guarded
+def bundle_ingest(report, config, run_dir, overrides) -> None:
+    """Store a device report (run_onnx.py/run_trt.py --report) under the run that made its bundle; the run's
+    report.html then shows it under "measured on device". Refuses a report made with another bundle's model."""
+    from pipeline.devices import ingest
+    from pipeline.report import write_report
+
+    _, rd = _load(config, overrides, run_dir)
+    stored, summary = ingest(Path(report), rd)
+    click.echo(f"ingested {report} as {stored}: {summary}")
+    click.echo(f"report: {write_report(rd)}")
 
 
 if __name__ == "__main__":

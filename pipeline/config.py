@@ -125,8 +125,23 @@ class ExportCfg(Section):
         "(seconds faster per model, for quick runs such as configs/tiny.yaml)")
 
 
+class QuantizeCfg(Section):
+    enabled: bool = Field(True, description="false: skip the quantize stage (no INT8 model, no fp16 accuracy gate)")
+    calibration_samples: int = Field(256, ge=1, description="training images (fixed seeded slice) for INT8 calibration")
+    calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    max_drop: float = Field(1.0, ge=0, description="top-1 points an INT8/fp16 model may lose vs fp32 and still ship")
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 32], description="INT8 vs fp32 CPU benchmark batches")
+    warmup: int = Field(5, ge=0)
+    blocks: int = Field(12, ge=2, description="ABBA rounds of the paired INT8 vs fp32 benchmark")
+    block_runs: int = Field(5, ge=1)
+    threads: int = Field(1, ge=1, description="onnxruntime intra-op threads for the benchmark")
+    bootstrap: int = Field(2000, ge=100)
+
+
 class EngineCfg(Section):
-    precisions: list[Literal["fp32", "fp16"]] = Field(default_factory=lambda: ["fp32", "fp16"])
+    precisions: list[Literal["fp32", "fp16", "int8"]] = Field(
+        default_factory=lambda: ["fp32", "fp16", "int8"],
+        description="int8 is built from quantize/model_int8.onnx (Q/DQ) when the quantize stage shipped it")
     min_batch: int = Field(1, ge=1)
     opt_batch: int = Field(32, ge=1)
     max_batch: int = Field(256, ge=1)
@@ -172,6 +187,7 @@ class BundleCfg(Section):
     tarball: bool = True
     include_engines: bool = True
     fp16_onnx: bool = Field(True, description="also ship model_fp16.onnx (fp16 weights, fp32 I/O) for TensorRT 11 fp16 builds")
+    golden_samples: int = Field(64, ge=1, description="validation images in golden.npz for the on-device self-test")
 
 
 class PipelineConfig(Section):
@@ -184,6 +200,7 @@ class PipelineConfig(Section):
     merge: MergeCfg = Field(default_factory=MergeCfg)
     verify: VerifyCfg = Field(default_factory=VerifyCfg)
     export: ExportCfg = Field(default_factory=ExportCfg)
+    quantize: QuantizeCfg = Field(default_factory=QuantizeCfg)
     engine: EngineCfg = Field(default_factory=EngineCfg)
     benchmark: BenchmarkCfg = Field(default_factory=BenchmarkCfg)
     bundle: BundleCfg = Field(default_factory=BundleCfg)

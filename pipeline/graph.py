@@ -64,20 +64,23 @@ STAGES: tuple[StageSpec, ...] = (
               inputs=("data", "teacher", "distill", "merge", "verify"), config=("export",),
               outputs=("model.onnx", "vanilla.onnx", "unmerged.onnx", "teacher.onnx", "export.json"),
               key_metrics=("ort_max_abs_diff", "graph_identical"), runtime_config=("data.eval_batch_size",)),
-    StageSpec("engine", "stages.engine", "TensorRT engines (fp32/fp16) + sidecar JSON, parity and accuracy",
-              inputs=("data", "export"), config=("engine",), outputs=("model_fp32.plan", "model_fp32.json"),
-              environment=True, key_metrics=("fp32_top1", "fp16_top1"),
+    StageSpec("quantize", "stages.quantize", "INT8 Q/DQ ONNX (static, per-channel), fp16/INT8 accuracy gates, CPU speed-up",
+              inputs=("data", "export"), config=("quantize", "run.seed"),
+              outputs=("model_int8.onnx", "model_fp16.onnx", "quantize.json"), key_metrics=("int8_drop_pts", "int8_speedup")),
+    StageSpec("engine", "stages.engine", "TensorRT engines (fp32/fp16, int8 from the Q/DQ ONNX) + sidecar JSON, parity",
+              inputs=("data", "export"), optional_inputs=("quantize",), config=("engine",),
+              outputs=("model_fp32.plan", "model_fp32.json"), environment=True, key_metrics=("fp32_top1", "fp16_top1"),
               runtime_config=("data.eval_batch_size", "run.root")),  # run.root: where the shared timing cache lives
     StageSpec("benchmark", "stages.benchmark", "latency of vanilla / merged / unmerged / teacher on every backend",
               inputs=("data", "teacher", "distill", "merge", "export"), optional_inputs=("engine",),
               config=("benchmark", "run.seed"), outputs=("benchmark.json", "latency.md", "latency.png"),
               environment=True, key_metrics=("verdict", "merged_vs_vanilla_ratio", "aa_ratio", "verdict_reason")),
     StageSpec("bundle", "stages.bundle", "the edge team's folder + .tar.gz: ONNX, engines, manifest, runners",
-              inputs=("data", "distill", "merge", "verify", "export"), optional_inputs=("engine", "benchmark", "teacher", "baseline"),
-              # the manifest's trtexec lines repeat the engine profile, so those keys shape the bundle even when
-              # the engine stage was skipped (no TensorRT here)
-              config=("bundle", "engine.min_batch", "engine.opt_batch", "engine.max_batch", "engine.workspace_mb",
-                      "engine.optimization_level", "engine.hardware_compatibility", "student.model", "teacher.model"),
+              inputs=("data", "distill", "merge", "verify", "export"),
+              optional_inputs=("engine", "benchmark", "teacher", "baseline", "quantize"),
+              # the manifest's trtexec lines repeat the engine profile and the precisions gate on quantize.max_drop,
+              # so those keys shape the bundle even when the engine stage was skipped (no TensorRT here)
+              config=("bundle", "engine", "quantize.max_drop", "student.model", "teacher.model"),
               data_files=("stages/bundle_files",), outputs=("bundle/", "bundle.tar.gz"), key_metrics=("files",)),
 )
 

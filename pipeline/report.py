@@ -155,7 +155,11 @@ def build_summary(run: Run) -> dict:
             "verify": verify if run.done("verify") else None, "export": export if run.done("export") else None,
             "engine": _engine_summary(run), "latency": latency if run.done("benchmark") else None,
             "bundle": bundle if run.done("bundle") else None, "stages": _stage_summary(run), "seeds": seeds,
-            "precision": precision_summary(run)}
+            "precision": precision_summary(run),
+            "quantize": _pick(m("quantize"), ("fp32_top1", "int8_top1", "int8_drop_pts", "int8_shipped", "int8_speedup",
+                                              "int8_speedup_lo", "int8_speedup_hi", "int8_speed_verdict", "int8_speed_batch",
+                                              "fp16_top1", "fp16_drop_pts", "fp16_shipped")) if run.done("quantize") else None,
+            "devices": len(list((run.path / "devices").glob("*.json"))) if (run.path / "devices").is_dir() else 0}
 
 
 def precision_summary(run: Run) -> dict:

@@ -405,6 +405,8 @@ def render(run: Run, summary: dict) -> str:
     """The whole page as one string."""
     import jinja2
 
+    from pipeline import report_edge
+
     env = jinja2.Environment(loader=jinja2.PackageLoader("pipeline", "templates"), autoescape=True,
                              trim_blocks=True, lstrip_blocks=True)
     versions = next((r.get("versions") for r in reversed(list(run.records.values())) if r and r.get("versions")), {})
@@ -415,6 +417,7 @@ def render(run: Run, summary: dict) -> str:
         "curves": curves_png(run.histories()), "accuracy": accuracy_rows(run, summary),
         "verify": verify_rows(run), "export": export_section(run), "engine": engine_section(run), "seeds": seeds_section(summary),
         "latency": latency_section(run, summary), "bundle": bundle_section(run, summary), "stages": stage_rows(run),
+        "quantize": report_edge.quantize_section(run), "devices": report_edge.device_section(run),
         "teacher": run.cfg("teacher.model", "teacher"), "student": run.cfg("student.model", "student"),
         "dataset": run.cfg("data.dataset", "dataset"),
         "tally": {st: sum(1 for r in run.records.values() if (r or {}).get("status") == st) for st in ("done", "skipped")},

@@ -24,10 +24,11 @@ import numpy as np
 
 from stages.lib.context import StageContext
 from stages.lib.errors import PipelineError
+from stages.lib.edge import engine_gate, golden_spec, precision_rows, precisions_table, quantize_report, selftest_bundle
 from stages.lib.io import atomic_write_text, sha256_file
 
 FORMAT = "norm-pipeline/bundle/1"
-RUNNERS = ("run_onnx.py", "run_trt.py")
+RUNNERS = ("run_onnx.py", "run_trt.py", "edgekit.py")
 UNLISTED = ("manifest.json", "SHA256SUMS")  # describe the others; SHA256SUMS covers manifest.json too
 
 
@@ -76,6 +77,8 @@ def copy_engines(ctx: StageContext, bundle: Path) -> list[dict]:
     for plan in sorted(Path(ctx.inputs["engine"]).glob("*.plan")):
         side_path = plan.with_suffix(".json")
         side = load_sidecar(side_path)
+        if engine_gate(ctx, side.get("precision")):
+            continue
         shutil.copyfile(plan, bundle / plan.name)
         shutil.copyfile(side_path, bundle / side_path.name)
         engines.append({"plan": plan.name, "sidecar": side_path.name, "precision": side.get("precision"),
@@ -116,16 +119,21 @@ def first_images(meta: dict, n: int) -> np.ndarray:
     raise PipelineError("the validation set is empty (check data.val_limit)")
 
 
-def trtexec_command(onnx: str, plan: str, inp: str, shapes: dict, *, workspace_mb: int, level: int, hw: str,
-                    extra: tuple[str, ...] = ()) -> str:
-    """The trtexec line that rebuilds an engine like the pipeline's (same profile, workspace, level)."""
-    spec = lambda s: f"{inp}:{'x'.join(str(d) for d in s)}"  # noqa: E731
-    parts = ["trtexec", f"--onnx={onnx}", f"--saveEngine={plan}", f"--minShapes={spec(shapes['min'])}",
-             f"--optShapes={spec(shapes['opt'])}", f"--maxShapes={spec(shapes['max'])}",
-             f"--memPoolSize=workspace:{workspace_mb}", f"--builderOptimizationLevel={level}", *extra]
-    if hw == "ampere_plus":
-        parts.append("--hardwareCompatibilityLevel=ampere+")
-    return " \\\n    ".join(parts)
+def trtexec_commands(e: Any, inp: dict, int8: bool = False) -> dict[str, str | None]:
+    """The trtexec lines that rebuild the engines on the device, from the same BuildSettings the engine stage
+    builds with (stages.lib.trt_rules), so both agree on profile, workspace, level, TF32 and compatibility."""
+    from stages.lib.trt_rules import build_settings, trtexec_command
+
+    def settings(precision: str):
+        return build_settings(precision=precision, input_name=inp["name"], input_shape=inp["shape"], min_batch=e.min_batch,
+                              opt_batch=e.opt_batch, max_batch=e.max_batch, workspace_mb=e.workspace_mb,
+                              optimization_level=e.optimization_level, hardware_compatibility=e.hardware_compatibility)
+
+    return {"fp32": trtexec_command(settings("fp32"), "model.onnx", "device_fp32.plan"),
+            "fp16_trt10": trtexec_command(settings("fp16"), "model.onnx", "device_fp16.plan", fp16_mode="builder_flag"),
+            "fp16_trt11": trtexec_command(settings("fp16"), "model_fp16.onnx", "device_fp16.plan", fp16_mode="fp16_onnx"),
+            # explicit quantization: the Q/DQ ONNX carries the precision, the network is strongly typed
+            "int8": trtexec_command(settings("int8"), "model_int8.onnx", "device_int8.plan") if int8 else None}
 
 
 def build_manifest(ctx: StageContext, meta: dict, props: dict, inp: dict, out: dict, engines: list, fp16: dict | None) -> dict:
@@ -133,7 +141,6 @@ def build_manifest(ctx: StageContext, meta: dict, props: dict, inp: dict, out: d
 
     e = ctx.cfg.engine
     shapes = profile_shapes(inp["shape"], e.min_batch, e.opt_batch, e.max_batch)
-    cmd = dict(inp=inp["name"], shapes=shapes, workspace_mb=e.workspace_mb, level=e.optimization_level, hw=e.hardware_compatibility)
     versions = {"python": ".".join(map(str, __import__("sys").version_info[:3])), "torch": _version("torch"),
                 "onnx": _version("onnx"), "onnxruntime": _version("onnxruntime"), "numpy": _version("numpy"),
                 "tensorrt": tensorrt_version(), "norm-pipeline": _pipeline_version()}
@@ -151,9 +158,7 @@ def build_manifest(ctx: StageContext, meta: dict, props: dict, inp: dict, out: d
         "fp16_onnx_check": fp16, "latency": latency_table(ctx), "engines": engines,
         "gpu": {"name": engines[0]["gpu_name"], "compute_capability": engines[0]["compute_capability"]} if engines else None,
         "versions": versions,
-        "trtexec": {"fp32": trtexec_command("model.onnx", "device_fp32.plan", **cmd),
-                    "fp16_trt10": trtexec_command("model.onnx", "device_fp16.plan", **cmd, extra=("--fp16",)),
-                    "fp16_trt11": trtexec_command("model_fp16.onnx", "device_fp16.plan", **cmd)},
+        "trtexec": trtexec_commands(e, inp, int8=(ctx.out_dir / "bundle" / "model_int8.onnx").is_file()),
     }
 
 
@@ -178,7 +183,9 @@ def render_readme(manifest: dict, names: list[str]) -> str:
     what = {"model.onnx": "the model: fp32, dynamic batch; build engines from this",
             "model_fp16.onnx": "the same model with fp16 weights and compute, fp32 input/output (TensorRT 11 fp16 builds)",
             "run_onnx.py": "classify images with onnxruntime", "run_trt.py": "classify images with a TensorRT engine",
-            "README.md": "this file", "manifest.json": "input, preprocessing, classes, accuracies, versions, file hashes",
+            "README.md": "this file", "edgekit.py": "self-test, latency and device-report code shared by the runners",
+            "golden.npz": "validation images (raw pixels), labels and the pipeline's logits for the self-test",
+            "model_int8.onnx": "INT8 model with Q/DQ nodes (static, per-channel; onnxruntime, or TensorRT INT8 builds)", "manifest.json": "input, preprocessing, classes, accuracies, versions, file hashes",
             "SHA256SUMS": "`sha256sum -c SHA256SUMS`"}
     for e in engines:
         what[e["plan"]] = (f"TensorRT {e['precision']} engine (TensorRT {e['tensorrt_version']}, {e['gpu_name']}, "
@@ -216,6 +223,12 @@ def render_readme(manifest: dict, names: list[str]) -> str:
         "MAX_BATCH": str(profile["max"][0]), "TRTEXEC_FP32": manifest["trtexec"]["fp32"],
         "TRTEXEC_FP16_TRT10": manifest["trtexec"]["fp16_trt10"], "TRTEXEC_FP16_TRT11": manifest["trtexec"]["fp16_trt11"],
         "FP16_ONNX_NOTE": fp16_note,
+        "INT8_SECTION": ("\n\nINT8 (TensorRT 10.x and 11.x): `model_int8.onnx` carries Q/DQ nodes (explicit quantization), so "
+                         "TensorRT builds it as a strongly typed network without calibration (TensorRT 11 has no calibrators; "
+                         "on 11 `--stronglyTyped` is the default and may be dropped):\n\n```bash\n"
+                         + manifest["trtexec"]["int8"] + "\npython run_trt.py --selftest --engine device_int8.plan --precision int8"
+                         "\n```") if manifest["trtexec"].get("int8") else "", "PRECISIONS_TABLE": precisions_table(manifest.get("precisions") or []),
+        "GOLDEN_N": str((manifest.get("selftest") or {}).get("samples") or 0),
         "DATA_NOTE": ("\n- Fashion-MNIST images are light objects on a black background: invert ordinary photos "
                       "(dark object on a light background) before classifying them."
                       if manifest["dataset"] == "fashion_mnist" else ""),
@@ -236,17 +249,24 @@ def run(ctx: StageContext) -> dict:
     if not src.is_file():
         raise PipelineError(f"{src} not found; re-run `norm-pipeline stage export`")
     meta = json.loads((Path(ctx.input("data")) / "dataset.json").read_text())
+    quant = quantize_report(ctx)
     bundle = ctx.out_dir / "bundle"
     if bundle.exists():
         shutil.rmtree(bundle)
     bundle.mkdir(parents=True)
     shutil.copyfile(src, bundle / "model.onnx")
     inputs, outputs = onnx_io(src)
-    fp16 = fp16_onnx(bundle / "model.onnx", bundle / "model_fp16.onnx", first_images(meta, 64)) if ctx.cfg.bundle.fp16_onnx else None
+    ship16 = ctx.cfg.bundle.fp16_onnx and (quant is None or quant["precisions"]["fp16"]["shipped"])
+    fp16 = fp16_onnx(bundle / "model.onnx", bundle / "model_fp16.onnx", first_images(meta, 64)) if ship16 else None
+    if quant is not None and quant["precisions"]["int8"]["shipped"]:
+        shutil.copyfile(Path(ctx.inputs["quantize"]) / "model_int8.onnx", bundle / "model_int8.onnx")
     engines = copy_engines(ctx, bundle)
     for name in RUNNERS:
         (bundle / name).write_text(bundle_file(name), encoding="utf-8")
+    selftest = golden_spec(ctx, meta, bundle)
     manifest = build_manifest(ctx, meta, read_metadata(src), inputs[0], outputs[0], engines, fp16)
+    manifest.update(selftest=selftest, precisions=precision_rows(quant, fp16),
+                    calibration=(quant or {}).get("calibration"))
     names = sorted([p.name for p in bundle.iterdir()] + ["README.md", *UNLISTED])
     (bundle / "README.md").write_text(render_readme(manifest, names), encoding="utf-8")
     manifest["files"] = {p.relative_to(bundle).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
@@ -330,11 +350,12 @@ def _extract_members(tar: tarfile.TarFile, dest: Path) -> list[str]:
     return []
 
 
-def verify_bundle(path: Path | str) -> list[str]:
+def verify_bundle(path: Path | str, selftest: bool = False) -> list[str]:
     """Problems with a bundle folder or its .tar.gz; ``[]`` means intact.
 
     Entries starting with ``warning:`` are not integrity failures: an engine that will not load on this
-    machine (other TensorRT/GPU), or that cannot be checked because TensorRT is absent here.
+    machine (other TensorRT/GPU), or that cannot be checked because TensorRT is absent here. With
+    ``selftest``, an intact bundle's own ``run_onnx.py --selftest`` also runs for every shipped ONNX precision.
     """
     path = Path(path)
     if path.is_file():
@@ -343,13 +364,13 @@ def verify_bundle(path: Path | str) -> list[str]:
             if problems:
                 return problems
             tops = list(Path(tmp).iterdir())
-            return _verify_folder(tops[0] if len(tops) == 1 and tops[0].is_dir() else Path(tmp))
+            return _verify_folder(tops[0] if len(tops) == 1 and tops[0].is_dir() else Path(tmp), selftest)
     if not path.is_dir():
         return [f"{path} does not exist"]
-    return _verify_folder(path)
+    return _verify_folder(path, selftest)
 
 
-def _verify_folder(root: Path) -> list[str]:
+def _verify_folder(root: Path, selftest: bool = False) -> list[str]:
     mpath = root / "manifest.json"
     if not mpath.is_file():
         return [f"manifest.json missing in {root}"]
@@ -382,7 +403,10 @@ def _verify_folder(root: Path) -> list[str]:
         listed = dict(reversed(line.split(None, 1)) for line in sums.read_text().splitlines() if line.strip())
         if listed.get("manifest.json") != sha256_file(mpath):
             problems.append("manifest.json does not match SHA256SUMS (edited after bundling?)")
-    return problems + _engine_checks(root, manifest)
+    problems += _engine_checks(root, manifest)
+    if selftest and not [p for p in problems if not p.startswith("warning:")]:
+        problems += selftest_bundle(root, manifest)
+    return problems
 
 
 def _engine_checks(root: Path, manifest: dict) -> list[str]:

@@ -1,4 +1,5 @@
-"""Stage `engine`: TensorRT engines (fp32, fp16) from export/model.onnx, checked on the validation set.
+"""Stage `engine`: TensorRT engines (fp32, fp16 from export/model.onnx; int8 from the quantize stage's Q/DQ ONNX),
+checked on the validation set.
 
 Each precision gives ``model_<prec>.plan`` (TensorRT's bytes, loadable by trtexec) and ``model_<prec>.json``
 (the sidecar: TensorRT version, GPU, profile, hashes). Every engine is compared with onnxruntime on the CPU
@@ -18,6 +19,20 @@ from stages.lib.context import StageContext
 from stages.lib.errors import PipelineError
 
 RULE = "element fails if |a-b| > atol and |a-b| > rtol*|b| (Polygraphy)"
+# int8 logits are not compared element-wise: its top-1 is gated against fp32 (quantize.max_drop, bundle stage)
+INT8_TOL = (1e30, 1e30)
+
+
+def int8_source(ctx: StageContext) -> Path | str:
+    """quantize/model_int8.onnx when the quantize stage shipped it, else why there is no int8 engine."""
+    if "quantize" not in ctx.inputs:
+        return "the quantize stage did not run (it makes the Q/DQ ONNX TensorRT builds INT8 from)"
+    q = json.loads((Path(ctx.inputs["quantize"]) / "quantize.json").read_text())
+    int8 = q["precisions"]["int8"]
+    ref = int8.get("qdq_reference") or int8  # TensorRT implements the Q/DQ arithmetic, not onnxruntime's CPU kernels
+    if not ref["shipped"]:
+        return ref.get("reason", "the INT8 model failed its accuracy gate")
+    return Path(ctx.inputs["quantize"]) / int8["file"]
 
 
 def environment_fingerprint() -> dict:
@@ -120,8 +135,23 @@ def run(ctx: StageContext) -> dict:
         raise PipelineError(f"{onnx_path} not found; re-run `norm-pipeline stage export`")
     meta = json.loads((Path(ctx.input("data")) / "dataset.json").read_text())
     cache = Path(c.timing_cache) if c.timing_cache else Path(ctx.cfg.run.root) / ".trt_timing_cache"
-    sidecars = {}
+    sidecars, not_built = {}, {}
     for prec in dict.fromkeys(c.precisions):
+        if prec == "int8":  # explicit quantization: built from the quantize stage's Q/DQ ONNX, isolated
+            qdq = int8_source(ctx)
+            if isinstance(qdq, str):
+                not_built["int8"] = qdq
+                ctx.log(f"int8 engine not built: {qdq}")
+                continue
+            from stages.lib.trt_int8 import build_int8_engine
+
+            ctx.log(f"building the int8 TensorRT engine from {qdq.name} (Q/DQ, strongly typed)")
+            sidecars[prec] = build_int8_engine(qdq, ctx.out_dir / "model_int8.plan", min_batch=c.min_batch,
+                                               opt_batch=c.opt_batch, max_batch=c.max_batch, workspace_mb=c.workspace_mb,
+                                               optimization_level=c.optimization_level,
+                                               hardware_compatibility=c.hardware_compatibility, timing_cache_path=cache,
+                                               log=ctx.log)
+            continue
         ctx.log(f"building the {prec} TensorRT engine (profile {c.min_batch}/{c.opt_batch}/{c.max_batch})")
         sidecars[prec] = trt.build_engine(onnx_path, ctx.out_dir / f"model_{prec}.plan", precision=prec,
                                           min_batch=c.min_batch, opt_batch=c.opt_batch, max_batch=c.max_batch,
@@ -129,7 +159,7 @@ def run(ctx: StageContext) -> dict:
                                           hardware_compatibility=c.hardware_compatibility, timing_cache_path=cache,
                                           log=ctx.log)
     batch = max(c.min_batch, min(c.max_batch, ctx.cfg.data.eval_batch_size))
-    tolerances = {p: (getattr(c, f"{p}_atol"), getattr(c, f"{p}_rtol")) for p in sidecars}
+    tolerances = {p: INT8_TOL if p == "int8" else (getattr(c, f"{p}_atol"), getattr(c, f"{p}_rtol")) for p in sidecars}
     runners = {p: trt.TrtRunner(ctx.out_dir / f"model_{p}.plan") for p in sidecars}
     try:
         for p, r in runners.items():
@@ -150,6 +180,7 @@ def run(ctx: StageContext) -> dict:
     finally:
         for r in runners.values():
             r.close()
+    result["not_built"] = not_built
     return _report(ctx, sidecars, result, onnx_path)
 
 
@@ -164,7 +195,8 @@ def _report(ctx: StageContext, sidecars: dict, result: dict, onnx_path: Path) ->
     report = {"tensorrt_version": any_side["tensorrt_version"], "gpu": any_side["gpu_name"],
               "compute_capability": any_side["compute_capability"], "onnx": onnx_path.name,
               "onnx_sha256": any_side["onnx_sha256"], "reference": "onnxruntime CPUExecutionProvider", "rule": RULE,
-              "samples": result["samples"], "ort_top1": result["ort_top1"], "engines": engines, "ok": not failed}
+              "samples": result["samples"], "ort_top1": result["ort_top1"], "engines": engines, "ok": not failed,
+              "not_built": result.get("not_built", {})}
     ctx.write_json("engine.json", report)
     metrics: dict[str, Any] = {"tensorrt_version": report["tensorrt_version"], "gpu": report["gpu"],
                                "compute_capability": report["compute_capability"], "samples": result["samples"],

@@ -22,7 +22,8 @@ TINY = ["data.train_limit=128", "data.val_limit=64", "verify.fp64_samples=32", "
         *[f"{s}.{k}" for s in ("teacher", "baseline", "distill") for k in ("epochs=1", "batch_size=64", "lr=0.05")],
         "export.parity_samples=32", "benchmark.blocks=2", "benchmark.block_runs=1", "benchmark.warmup=1", "benchmark.max_seconds=1",
         "benchmark.batch_sizes=[1]", "benchmark.bootstrap=100", "benchmark.multithreaded=false",
-        "benchmark.backends=[torch,onnxruntime]", "bundle.fp16_onnx=false"]
+        "benchmark.backends=[torch,onnxruntime]", "bundle.fp16_onnx=false", "quantize.blocks=2", "quantize.block_runs=1",
+        "quantize.warmup=0", "quantize.batch_sizes=[2]", "quantize.bootstrap=100", "quantize.calibration_samples=32"]
 
 
 @pytest.fixture(scope="module")
@@ -229,3 +230,15 @@ def test_verdict_reliability_script_counts_answers_and_leaves_the_run_alone(run_
         assert cells[1:4] == [f"{n['yes']}/2", f"{n['no']}/2", f"{n['inconclusive']}/2"], row
     assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()} == before
     assert mod.main(["--run-dir", str(tmp_path / "nowhere")]) == 2
+
+
+def test_report_shows_int8_drop_and_cpu_speedup(run_dir):
+    page = html.unescape((run_dir / "report.html").read_text())
+    q = json.loads((run_dir / "quantize" / "quantize.json").read_text())
+    section = page[page.index('id="precision"'):page.index('id="bundle"')]
+    int8 = q["precisions"]["int8"]
+    cell = q["speed"]["cells"][0]
+    assert f"{0.0 - int8['drop_pts']:+.2f}" in section and f"{int8['speedup_vs_fp32']['speedup']:.2f}×" in section
+    assert f"[{cell['speedup_ci95'][0]:.2f}, {cell['speedup_ci95'][1]:.2f}]" in section and cell["verdict"] in section
+    summary = json.loads((run_dir / "summary.json").read_text())["quantize"]
+    assert summary["int8_drop_pts"] == int8["drop_pts"] and summary["int8_speed_verdict"] == int8["speedup_vs_fp32"]["verdict"]

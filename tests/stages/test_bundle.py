@@ -27,7 +27,7 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _run_bundle(upstream, base: Path, *, engines: bool, cfg=None):
+def _run_bundle(upstream, base: Path, *, engines: bool, cfg=None, extra_inputs=None, extra_records=None):
     """Run the bundle stage into ``base/bundle_stage``; with a fake engine folder and benchmark when asked."""
     import stages.bundle
     from stages.lib.context import StageContext
@@ -47,6 +47,8 @@ def _run_bundle(upstream, base: Path, *, engines: bool, cfg=None):
         (base / "benchmark" / "benchmark.json").write_text(json.dumps({"table": [{"model": "merged", "batch": 1, "ms": 0.5}]}))
         ins.update(engine=base / "engine", benchmark=base / "benchmark")
         records.update(engine={"metrics": {"fp32_top1": 0.41, "fp32_top1_agreement": 1.0}}, benchmark={"metrics": {"verdict": "same"}})
+    ins.update(extra_inputs or {})
+    records.update(extra_records or {})
     out = base / "bundle_stage"
     out.mkdir()
     ctx = StageContext(name="bundle", out_dir=out, run_dir=base, cfg=cfg or upstream["cfg"], inputs=ins,
@@ -69,7 +71,8 @@ def test_bundle_contents_and_manifest(plain, upstream):
     out, metrics = plain
     bundle = out / "bundle"
     names = sorted(p.name for p in bundle.iterdir())
-    assert names == sorted(["model.onnx", "model_fp16.onnx", "run_onnx.py", "run_trt.py", "README.md", "manifest.json", "SHA256SUMS"])
+    assert names == sorted(["model.onnx", "model_fp16.onnx", "run_onnx.py", "run_trt.py", "edgekit.py", "golden.npz",
+                            "README.md", "manifest.json", "SHA256SUMS"])
     m = json.loads((bundle / "manifest.json").read_text())
     assert set(m["files"]) == set(names) - {"manifest.json", "SHA256SUMS"}
     for name, entry in m["files"].items():

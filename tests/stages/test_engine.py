@@ -208,12 +208,14 @@ def test_sidecar_roundtrip(tmp_path):
 
 def test_compatibility_rules(tmp_path):
     side = _sidecar(tmp_path)
-    here = {"tensorrt_version": "10.3.0.30", "gpu_name": "Orin", "compute_capability": "8.7"}
-    trt.check_compatibility(side, here)  # patch differs: loads, with a note
-    assert any("10.3.0.26" in n and "10.3.0.30" in n for n in trt.compatibility_notes(side, here))
-    with pytest.raises(PipelineError) as e:
-        trt.check_compatibility(side, {**here, "tensorrt_version": "10.8.0"})
-    assert "10.3.0.26" in str(e.value) and "10.8.0" in str(e.value)
+    here = {"tensorrt_version": "10.3.0.26", "gpu_name": "Orin", "compute_capability": "8.7"}
+    trt.check_compatibility(side, here)
+    trt.check_compatibility(side, {**here, "tensorrt_version": "10.3.0"})  # build number unknown here: compared to the patch
+    assert any("build number could not be compared" in n for n in trt.compatibility_notes(side, {**here, "tensorrt_version": "10.3.0"}))
+    for other in ("10.3.0.30", "10.3.1", "10.8.0"):  # TensorRT refuses any other version, patch and build included
+        with pytest.raises(PipelineError) as e:
+            trt.check_compatibility(side, {**here, "tensorrt_version": other})
+        assert "10.3.0.26" in str(e.value) and other in str(e.value) and "trtexec" in str(e.value)
     with pytest.raises(PipelineError, match=r"compute capability 8\.7.*has 8\.6"):
         trt.check_compatibility(side, {**here, "compute_capability": "8.6", "gpu_name": "RTX 3090"})
     with pytest.raises(PipelineError, match="not installed"):
@@ -227,11 +229,7 @@ def test_compatibility_rules(tmp_path):
         trt.check_compatibility(amp, {**here, "compute_capability": "7.5"})
     same = {**side, "hardware_compatibility": "same_compute_capability"}
     trt.check_compatibility(same, {**here, "gpu_name": "another 8.7 GPU"})
-    assert not trt.compatibility_notes(same, {**here, "tensorrt_version": "10.3.0.26", "gpu_name": "another 8.7 GPU"})
-    vc = {**side, "version_compatible": True}
-    trt.check_compatibility(vc, {**here, "tensorrt_version": "10.9.0"})
-    with pytest.raises(PipelineError, match=">= 10.3.0.26"):
-        trt.check_compatibility(vc, {**here, "tensorrt_version": "10.2.0"})
+    assert not [n for n in trt.compatibility_notes(same, {**here, "gpu_name": "another 8.7 GPU"}) if "GPU" in n]
 
 
 # ----------------------------------------------------------------------------- environment
@@ -341,7 +339,13 @@ def test_engine_stage_with_fake_engines(upstream, make_ctx, export_dir, fake_trt
         assert report["engines"][p]["latency"]["batch"] == 40
     assert metrics["tensorrt_version"] == "10.3.0.26" and metrics["gpu"] == "Fake GPU"
     assert 30 in fake_trt.seen and sorted(fake_trt.closed) == ["fp16", "fp32"]
-    json.dumps(metrics)  # JSON-serialisable
+    assert json.loads(json.dumps(metrics)) == metrics  # plain JSON values, nothing lost on the way to record.json
+    assert metrics["samples"] == report["samples"] and metrics["ort_top1"] == report["ort_top1"] and metrics["parity_ok"]
+    for p in ("fp32", "fp16"):  # every flat figure is the report's, per precision (not the other one's)
+        e = report["engines"][p]
+        assert (metrics[f"{p}_top1"], metrics[f"{p}_failed_elements"], metrics[f"{p}_plan_bytes"]) == \
+            (e["top1"], e["parity"]["failed_elements"], e["plan_bytes"])
+        assert metrics[f"{p}_plan_bytes"] == (ctx.out_dir / f"model_{p}.plan").stat().st_size
 
 
 def test_engine_stage_parity_failure_writes_report(upstream, make_ctx, export_dir, fake_trt, tmp_path, monkeypatch):
@@ -357,173 +361,16 @@ def test_engine_stage_parity_failure_writes_report(upstream, make_ctx, export_di
     assert sorted(fake_trt.closed) == ["fp16", "fp32"]
 
 
-# ----------------------------------------------------------------------------- a fake `tensorrt` module
-MEMORY: dict[int, np.ndarray] = {}  # the fake device: address -> bytes
-
-
-class FakeBuffers:
-    """The buffer-backend interface over host memory, so TrtRunner's data path runs on CPU."""
-
-    name, stream_handle = "fake", 7
-
-    def alloc(self, nbytes):
-        addr = 4096 * (len(MEMORY) + 1)
-        MEMORY[addr] = np.zeros(nbytes, np.uint8)
-        return addr
-
-    def free(self, ptr):
-        MEMORY.pop(ptr)
-
-    def htod(self, ptr, host):
-        MEMORY[ptr][: host.nbytes] = host.reshape(-1).view(np.uint8)
-
-    def dtoh(self, host, ptr):
-        host.reshape(-1).view(np.uint8)[:] = MEMORY[ptr][: host.nbytes]
-
-    def sync(self):
-        pass
-
-    def event(self):
-        return object()
-
-    def record(self, ev):
-        pass
-
-    def elapsed_ms(self, a, b):
-        return 0.5
-
-    def drop_event(self, ev):
-        pass
-
-    def close(self):
-        pass
-
-
-def fake_tensorrt(version: str):
-    """Just the API surface stages.lib.trt uses; TensorRT 11 lacks BuilderFlag.FP16 (strong typing)."""
-    import types
-
-    m = types.ModuleType("tensorrt")
-    m.__version__, m.calls = version, []
-    m.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, sev: None})
-    m.MemoryPoolType = types.SimpleNamespace(WORKSPACE="workspace")
-    m.BuilderFlag = types.SimpleNamespace(TF32="tf32", **({} if version.startswith("11") else {"FP16": "fp16"}))
-    m.HardwareCompatibilityLevel = types.SimpleNamespace(NONE="none", AMPERE_PLUS="ampere+")
-    m.TensorIOMode = types.SimpleNamespace(INPUT="in", OUTPUT="out")
-    m.nptype = lambda dtype: np.float32
-
-    class Config:
-        def __init__(self):
-            self.flags, self.cache = set(), None
-
-        def set_memory_pool_limit(self, pool, nbytes):
-            m.calls.append(("pool", pool, nbytes))
-
-        def set_flag(self, f):
-            self.flags.add(f)
-
-        def clear_flag(self, f):
-            m.calls.append(("clear", f))
-
-        def add_optimization_profile(self, p):
-            m.calls.append(("profile", p.shapes))
-
-        def create_timing_cache(self, data):
-            return types.SimpleNamespace(data=bytes(data), serialize=lambda: bytes(data) + b"+")
-
-        def set_timing_cache(self, cache, ignore_mismatch):
-            self.cache = cache
-            return True
-
-        def get_timing_cache(self):
-            return self.cache
-
-    class Profile:
-        def set_shape(self, name, lo, opt, hi):
-            self.shapes = (name, list(lo), list(opt), list(hi))
-
-    class Builder:
-        def __init__(self, logger):
-            pass
-
-        def create_network(self, flags):
-            m.calls.append(("network_flags", flags))
-            return types.SimpleNamespace(path=None)
-
-        def create_builder_config(self):
-            return Config()
-
-        def create_optimization_profile(self):
-            return Profile()
-
-        def build_serialized_network(self, network, config):
-            m.calls.append(("build", sorted(config.flags), getattr(config, "hardware_compatibility_level", None)))
-            return b"FAKEPLAN" + Path(network.path).read_bytes()
-
-    class OnnxParser:
-        num_errors = 0
-
-        def __init__(self, network, logger):
-            self.network = network
-
-        def parse_from_file(self, path):
-            self.network.path = path
-            return True
-
-    class Context:
-        def __init__(self, session):
-            self.session, self.shape, self.addr = session, None, {}
-
-        def set_input_shape(self, name, shape):
-            self.shape = tuple(shape)
-            return True
-
-        def get_tensor_shape(self, name):
-            return self.shape if name == "input" else (self.shape[0], 10)
-
-        def set_tensor_address(self, name, addr):
-            self.addr[name] = addr
-
-        def execute_async_v3(self, stream):
-            n = int(np.prod(self.shape))
-            x = MEMORY[self.addr["input"]][: 4 * n].view(np.float32).reshape(self.shape)
-            out = self.session.run(["logits"], {"input": x})[0]
-            MEMORY[self.addr["logits"]][: out.nbytes] = out.reshape(-1).view(np.uint8)
-            return stream == FakeBuffers.stream_handle
-
-    class Engine:
-        num_io_tensors = 2
-
-        def __init__(self, onnx_bytes):
-            import onnxruntime as ort
-
-            self.session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
-
-        get_tensor_name = staticmethod(lambda i: ["input", "logits"][i])
-        get_tensor_mode = staticmethod(lambda n: "in" if n == "input" else "out")
-        get_tensor_dtype = staticmethod(lambda n: "float32")
-        get_tensor_profile_shape = staticmethod(lambda n, i: [(1, 1, 28, 28), (8, 1, 28, 28), (64, 1, 28, 28)])
-
-        def create_execution_context(self):
-            return Context(self.session)
-
-    class Runtime:
-        def __init__(self, logger):
-            pass
-
-        def deserialize_cuda_engine(self, data):
-            return Engine(data[len(b"FAKEPLAN"):]) if data.startswith(b"FAKEPLAN") else None
-
-    m.Builder, m.OnnxParser, m.Runtime = Builder, OnnxParser, Runtime
-    return m
-
-
-@pytest.mark.parametrize("version", ["10.3.0.26", "11.4.1"])
+# ----------------------------------------------------------------------------- the strict fake TensorRT
+@pytest.mark.parametrize("version", ["10.3.0", "11.4.0"])
 def test_build_and_run_with_fake_tensorrt(monkeypatch, export_dir, val_x, tmp_path, version):
-    fake = fake_tensorrt(version)
-    monkeypatch.setitem(sys.modules, "tensorrt", fake)
-    monkeypatch.setattr(trt, "gpu_info", lambda device=0: {"name": "Fake GPU", "compute_capability": "8.7", "source": "test"})
-    monkeypatch.setattr(trt, "_make_buffers", FakeBuffers)
+    """The student's real ONNX through build_engine and TrtRunner with tests/fakes (TensorRT 10: FP16 builder
+    flag; 11: strongly typed, an fp16 copy of the ONNX), every device buffer freed afterwards."""
+    from tests.fakes import fake_cuda, fake_tensorrt
+
+    fake_cuda.DEVICE.clear()
+    fake_cuda.install(monkeypatch)
+    fake = fake_tensorrt.install(monkeypatch, version)
     x = val_x[0]
     ref = _ort(export_dir / "model.onnx").run(["logits"], {"input": x})[0]
     for precision in ("fp32", "fp16"):
@@ -533,7 +380,7 @@ def test_build_and_run_with_fake_tensorrt(monkeypatch, export_dir, val_x, tmp_pa
                                 timing_cache_path=tmp_path / "cache", log=lambda m: None)
         fp16_mode = None if precision == "fp32" else ("fp16_onnx" if version.startswith("11") else "builder_flag")
         assert side["fp16_mode"] == fp16_mode and side["tensorrt_version"] == version
-        assert plan.read_bytes().startswith(b"FAKEPLAN") and trt.load_sidecar(plan.with_suffix(".json")) == side
+        assert plan.read_bytes().startswith(fake_tensorrt.MAGIC) and trt.load_sidecar(plan.with_suffix(".json")) == side
         with trt.TrtRunner(plan) as runner:
             out = runner.infer(x)
             assert runner.time(x[:8], 3) == [0.5] * 3
@@ -541,19 +388,21 @@ def test_build_and_run_with_fake_tensorrt(monkeypatch, export_dir, val_x, tmp_pa
                 runner.infer(np.zeros((65, 1, 28, 28), np.float32))
         err = np.abs(out - ref).max()
         assert err == 0 if fp16_mode != "fp16_onnx" else 0 < err < 1e-2 * np.abs(ref).max()
-    builds = [c for c in fake.calls if c[0] == "build"]
-    assert builds[0] == ("build", [], "ampere+")
-    assert builds[1][1] == ([] if version.startswith("11") else ["fp16"])
-    assert ("network_flags", 0) in fake.calls and ("clear", "tf32") in fake.calls and ("pool", "workspace", 256 << 20) in fake.calls
-    assert ("profile", ("input", [1, 1, 28, 28], [8, 1, 28, 28], [64, 1, 28, 28])) in fake.calls
-    assert (tmp_path / "cache").read_bytes() == b"++"  # loaded by the second build, extended, saved again
-    with pytest.raises(PipelineError, match="SAME_COMPUTE_CAPABILITY"):
-        trt.build_engine(export_dir / "model.onnx", tmp_path / "x.plan", precision="fp32", min_batch=1, opt_batch=1,
-                         max_batch=1, hardware_compatibility="same_compute_capability")
-    (tmp_path / "model_fp32.plan").write_bytes(b"FAKEPLAN tampered")
+    builds = [c[1] for c in fake._fake.calls if c[0] == "build"]
+    assert [b["hw"] for b in builds] == ["AMPERE_PLUS", "AMPERE_PLUS"]
+    assert "TF32" not in builds[0]["flags"] and "TF32" in builds[1]["flags"]  # fp32 means fp32; fp16 keeps the default
+    assert ("FP16" in builds[1]["flags"]) == version.startswith("10")
+    assert builds[0]["pools"] == {"WORKSPACE": 256 << 20} and ("create_network", 0) in fake._fake.calls
+    assert builds[0]["profile"] == {"input": [[1, 1, 28, 28], [8, 1, 28, 28], [64, 1, 28, 28]]}
+    assert (tmp_path / "cache").read_bytes() == b"FAKECACHE2"  # loaded by the second build, extended, saved again
+    if version.startswith("10.3"):
+        with pytest.raises(PipelineError, match="SAME_COMPUTE_CAPABILITY"):
+            trt.build_engine(export_dir / "model.onnx", tmp_path / "x.plan", precision="fp32", min_batch=1, opt_batch=1,
+                             max_batch=1, hardware_compatibility="same_compute_capability")
+    (tmp_path / "model_fp32.plan").write_bytes(fake_tensorrt.MAGIC + b"tampered")
     with pytest.raises(PipelineError, match="does not match its sidecar"):
         trt.TrtRunner(tmp_path / "model_fp32.plan")
-    assert not MEMORY  # every fake device buffer was freed
+    assert not fake_cuda.DEVICE  # every fake device buffer was freed
 
 
 # ----------------------------------------------------------------------------- real TensorRT (GPU machines)
