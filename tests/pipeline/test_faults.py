@@ -437,10 +437,13 @@ def _fake_machine(root: Path, trt_version: str, gpu: tuple[str, int, int] | None
 
 
 @pytest.mark.parametrize("trt_version, gpu, needles", [
-    ("10.8.0", None, [r"built with TensorRT 10\.3\.0\.26 but this machine has TensorRT 10\.8\.0", r"install TensorRT 10\.3 or rebuild"]),
-    ("10.3.1", ("Tesla T4", 7, 5), [r"built for compute capability 8\.7 \(Jetson AGX Orin\) but this GPU \(Tesla T4\) has 7\.5",
-                                    r"rebuild the engine on this machine"]),
-], ids=["other-tensorrt", "other-gpu"])
+    ("10.8.0", None, [r"built with TensorRT 10\.3\.0\.26 but this machine has TensorRT 10\.8\.0",
+                      r"rebuild the engine with trtexec on the device"]),
+    ("10.3.1", None, [r"built with TensorRT 10\.3\.0\.26 but this machine has TensorRT 10\.3\.1",
+                      r"only on the exact version that built it"]),  # a patch release apart is refused too
+    ("10.3.0.26", ("Tesla T4", 7, 5), [r"built for compute capability 8\.7 \(Jetson AGX Orin\) but this GPU \(Tesla T4\) has 7\.5",
+                                       r"rebuild the engine"]),
+], ids=["other-tensorrt", "other-patch", "other-gpu"])
 def test_engine_for_another_machine(run_copy, tmp_path, trt_version, gpu, needles):
     bundle = _bundle(run_copy)
     _add_engine(bundle)
