@@ -242,3 +242,27 @@ def test_report_shows_int8_drop_and_cpu_speedup(run_dir):
     assert f"[{cell['speedup_ci95'][0]:.2f}, {cell['speedup_ci95'][1]:.2f}]" in section and cell["verdict"] in section
     summary = json.loads((run_dir / "summary.json").read_text())["quantize"]
     assert summary["int8_drop_pts"] == int8["drop_pts"] and summary["int8_speed_verdict"] == int8["speedup_vs_fp32"]["verdict"]
+
+
+def test_summary_follows_the_records_not_the_happy_path(run_dir, tmp_path):
+    """The tiny run says "yes" and its last epoch is its best; records that say otherwise must show through."""
+    import shutil
+
+    from pipeline.report import Run, build_summary
+
+    rd = tmp_path / "run"
+    shutil.copytree(run_dir, rd)
+
+    def edit(stage: str, **metrics) -> None:
+        p = rd / stage / "record.json"
+        r = json.loads(p.read_text())
+        r["metrics"].update(metrics)
+        p.write_text(json.dumps(r))
+
+    edit("benchmark", verdict="no")
+    edit("distill", top1=0.5, best_top1=0.6)
+    s = build_summary(Run.load(rd))
+    assert s["verdicts"]["cost_unchanged"] is False and s["latency"]["verdict"] == "no"
+    assert s["accuracy"]["norm_top1"] == 0.5 and s["accuracy"]["norm_best_top1"] == 0.6
+    edit("benchmark", verdict="inconclusive")
+    assert build_summary(Run.load(rd))["verdicts"]["cost_unchanged"] is None
