@@ -47,27 +47,14 @@ def list_images(target) -> list:
 
 
 def preprocess(path, pp: dict) -> np.ndarray:
-    """One image -> float32 CHW, exactly as the manifest says (grayscale/RGB, resize, scale, mean/std)."""
+    """One image -> float32 CHW, exactly as the manifest says (grayscale/RGB, resize, scale, mean/std): the same
+    recipe as the golden self-test (edgekit.preprocess_raw), so a file and its golden copy preprocess alike."""
     from PIL import Image
 
-    bilinear = getattr(Image, "Resampling", Image).BILINEAR
     with Image.open(path) as img:
-        img = img.convert("L" if pp["in_chans"] == 1 else "RGB")
-        h, w = pp["size"]
-        if pp["resize"] == "shorter_side_center_crop":  # torchvision Resize(s) + CenterCrop(size)
-            s = int(pp["resize_shorter"])
-            iw, ih = img.size
-            nw, nh = (s, int(s * ih / iw)) if iw <= ih else (int(s * iw / ih), s)
-            img = img.resize((nw, nh), bilinear)
-            top, left = int(round((nh - h) / 2.0)), int(round((nw - w) / 2.0))
-            img = img.crop((left, top, left + w, top + h))
-        elif img.size != (w, h):
-            img = img.resize((w, h), bilinear)
-        arr = np.asarray(img, dtype=np.float32) * np.float32(pp["scale"])
-    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
-    mean = np.asarray(pp["mean"], dtype=np.float32)[:, None, None]
-    std = np.asarray(pp["std"], dtype=np.float32)[:, None, None]
-    return np.ascontiguousarray((arr - mean) / std, dtype=np.float32)
+        arr = np.asarray(img.convert("L" if pp["in_chans"] == 1 else "RGB"))
+    chw = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+    return edgekit.preprocess_raw(chw[None], pp)[0]
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
