@@ -16,25 +16,6 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
 
 
-def _interrupted_in_epoch_2(cfg, run_dir: Path, monkeypatch) -> None:
-    """Run the teacher stage and Ctrl-C it while epoch 2 evaluates (epoch 1's checkpoint is on disk)."""
-    import stages.lib.training as T
-
-    real_eval, calls = T.evaluate, {"n": 0}
-
-    def interrupt_in_epoch_2(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real_eval(*a, **k)
-
-    monkeypatch.setattr(T, "evaluate", interrupt_in_epoch_2)
-    with pytest.raises(KeyboardInterrupt):
-        Runner(cfg, run_dir, log=lambda m: None).run_stage("teacher")
-    monkeypatch.setattr(T, "evaluate", real_eval)
-    assert (run_dir / ".teacher.work" / "ckpt" / "last.pt").is_file()
-
-
 def _same_teacher(a_dir: Path, b_dir: Path) -> None:
     a, b = _weights(a_dir / "teacher" / "model.pt"), _weights(b_dir / "teacher" / "model.pt")
     assert a.keys() == b.keys() and any(k.endswith("weight") for k in a)
@@ -56,19 +37,19 @@ def setup(tmp_path, tiny_overrides):
     return cfg, full, other
 
 
-def test_resumed_teacher_equals_an_uninterrupted_one(setup, monkeypatch):
+def test_resumed_teacher_equals_an_uninterrupted_one(setup, interrupt_teacher_in_epoch_2):
     cfg, full, cut = setup
-    _interrupted_in_epoch_2(cfg, cut, monkeypatch)
+    interrupt_teacher_in_epoch_2(cfg, cut)
     logs: list[str] = []
     assert Runner(cfg, cut, log=logs.append).run_stage("teacher").status == "done"
     assert any("resuming after epoch 1/2" in m for m in logs), logs
     _same_teacher(full, cut)
 
 
-def test_an_interrupted_run_of_another_config_is_not_resumed(setup, monkeypatch):
+def test_an_interrupted_run_of_another_config_is_not_resumed(setup, interrupt_teacher_in_epoch_2):
     cfg, full, rd = setup
     other = cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"lr": 0.2})})
-    _interrupted_in_epoch_2(other, rd, monkeypatch)  # leaves an lr=0.2 checkpoint in .teacher.work
+    interrupt_teacher_in_epoch_2(other, rd)  # leaves an lr=0.2 checkpoint in .teacher.work
     logs: list[str] = []
     assert Runner(cfg, rd, log=logs.append).run_stage("teacher").status == "done"
     assert not any("resuming" in m for m in logs), logs
