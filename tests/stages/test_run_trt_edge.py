@@ -34,15 +34,6 @@ def bundle(upstream, tmp_path_factory) -> Path:
     return out / "bundle"
 
 
-@pytest.fixture
-def env(monkeypatch):
-    fake_cuda.DEVICE.clear()
-    fake_cuda.install(monkeypatch)
-    trt._LOGGER.clear()
-    yield fake_tensorrt.install(monkeypatch, "10.3.0")
-    fake_cuda.DEVICE.clear()
-
-
 def engine(env, onnx: Path, folder: Path, precision: str = "fp32") -> Path:
     """The pipeline's build of ``onnx`` into ``folder/model_<precision>.plan`` (+ sidecar), on the fake."""
     from stages.lib.trt_int8 import build_int8_engine

@@ -48,16 +48,6 @@ def ort_run(path: Path, x: np.ndarray) -> np.ndarray:
     return s.run(["logits"], {"input": x.astype(s.get_inputs()[0].type == "tensor(float16)" and np.float16 or np.float32)})[0]
 
 
-@pytest.fixture
-def env(monkeypatch):
-    """Fake CUDA device + cuda-python (no pycuda) and a fake TensorRT 10.3.0; returns the fake module."""
-    fake_cuda.DEVICE.clear()
-    fake_cuda.install(monkeypatch)
-    trt._LOGGER.clear()
-    yield fake_tensorrt.install(monkeypatch, "10.3.0")
-    fake_cuda.DEVICE.clear()
-
-
 def build(tmp_path: Path, onnx_path: Path, precision: str = "fp32", **kw) -> Path:
     plan = tmp_path / f"model_{precision}.plan"
     kw = {"min_batch": 1, "opt_batch": 4, "max_batch": 8, **kw}
