@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -59,7 +59,8 @@ class TrainCfg(Section):
     warmup_epochs: int = Field(0, ge=0)
     amp: Literal["auto", "none", "bf16", "fp16"] = Field(
         "auto", description="autocast precision; auto = bf16 on CPUs with AVX512-BF16/AMX (faster there), else fp32")
-    channels_last: bool = False
+    channels_last: Union[Literal["auto"], bool] = Field(
+        "auto", description="NHWC convolutions; auto = on for CPUs (faster with oneDNN) and for CUDA with bf16/fp16, else off")
     compile: bool = False
     logit_standardize: bool = Field(False, description="layer-norm the logits (x logit_scale) before CE/KD")
     logit_scale: float = Field(2.5, gt=0)

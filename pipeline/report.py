@@ -168,7 +168,8 @@ def precision_summary(run: Run) -> dict:
     for stage in ("teacher", "baseline", "distill"):
         m = run.metrics(stage)
         if m.get("amp"):
-            out[stage] = {"amp": m["amp"], "requested": m.get("amp_requested"), "reason": m.get("amp_reason")}
+            out[stage] = {"amp": m["amp"], "requested": m.get("amp_requested"), "reason": m.get("amp_reason"),
+                          "channels_last": m.get("channels_last"), "channels_last_reason": m.get("channels_last_reason")}
     return out
 
 
@@ -176,8 +177,12 @@ def precision_text(precision: dict) -> str:
     """'teacher fp32 · baseline fp32 · NORM fp32 (amp: auto: <reason>)': what training used and why."""
     if not precision:
         return ""
-    used = " · ".join(f"{ {'distill': 'NORM'}.get(k, k)} {v['amp']}" for k, v in precision.items())
+    layout = {True: " NHWC", False: " NCHW"}
+    used = " · ".join(f"{ {'distill': 'NORM'}.get(k, k)} {v['amp']}{layout.get(v.get('channels_last'), '')}"
+                      for k, v in precision.items())
     why = list(dict.fromkeys(f"amp: {v['requested']}: {v['reason']}" for v in precision.values()))
+    why += list(dict.fromkeys(f"channels_last: {v['channels_last_reason']}" for v in precision.values()
+                              if v.get("channels_last_reason")))
     return f"{used} ({'; '.join(why)})"
 
 

@@ -11,6 +11,7 @@ from models.losses import kd_loss, standardize_logits
 from stages.lib import training as T
 from stages.lib.checkpoints import load_model, save_model
 from stages.lib.context import StageContext
+from stages.lib.precision import resolve_amp, resolve_channels_last
 
 
 def run(ctx: StageContext) -> dict:
@@ -24,6 +25,8 @@ def run(ctx: StageContext) -> dict:
         if method == "kd":
             teacher, _ = load_model(ctx.input("teacher") / "model.pt", "teacher checkpoint")
             teacher.to(p.device).eval().requires_grad_(False)
+            if resolve_channels_last(c.channels_last, p.device, resolve_amp(c.amp, p.device).dtype).channels_last:
+                teacher.to(memory_format=torch.channels_last)  # the student's layout (fit() resolves the same)
         step = _step(method, teacher, kd_weight=c.kd_weight, temperature=c.temperature,
                      scale=c.logit_scale if c.logit_standardize else None)
         out = ctx.out_dir / method
@@ -34,7 +37,7 @@ def run(ctx: StageContext) -> dict:
                        in_chans=p.meta["in_chans"], method=method)
             T.finish_checkpoints(out)
         metrics.update({f"{method}_{k}": v for k, v in m.items() if k in ("top1", "top5", "best_top1", "train_s")})
-        metrics.update({k: v for k, v in m.items() if k.startswith("amp")})  # the precision used, and why
+        metrics.update({k: v for k, v in m.items() if k.startswith(("amp", "channels_last"))})  # precision, layout, why
     return metrics
 
 

@@ -12,6 +12,7 @@ from models.norm import NormStudent
 from stages.lib import training as T
 from stages.lib.checkpoints import load_model, save_norm_student
 from stages.lib.context import StageContext
+from stages.lib.precision import resolve_amp, resolve_channels_last
 
 
 def run(ctx: StageContext) -> dict:
@@ -20,8 +21,8 @@ def run(ctx: StageContext) -> dict:
     p = T.prepare(ctx, c, ctx.cfg.student.seed)
     teacher, tmeta = load_model(ctx.input("teacher") / "model.pt", "teacher checkpoint")
     teacher.to(p.device).eval().requires_grad_(False)
-    if c.channels_last:
-        teacher.to(memory_format=torch.channels_last)
+    if resolve_channels_last(c.channels_last, p.device, resolve_amp(c.amp, p.device).dtype).channels_last:
+        teacher.to(memory_format=torch.channels_last)  # the same layout as the student fit() trains
     student = T.build(name, p.meta, "student.model")
     ns = NormStudent(student, teacher.num_features, n=c.n, residual=c.residual)
     scale = c.logit_scale if c.logit_standardize else None

@@ -13,6 +13,16 @@ same machine always trains the same way, and the stage record says what was used
 - MPS and anything else: fp32.
 
 ``amp: none | bf16 | fp16`` are used as given (fp16 is for GPUs only).
+
+The memory format (``channels_last: auto | true | false``) is chosen the same way:
+
+- CPU: NHWC (channels_last). oneDNN computes convolutions in a channels-last layout; NCHW tensors are
+  reordered on every call. Measured on a 2-core AVX2 EPYC, batch 128 of 28 px images: resnet20 training
+  step 1.3x, resnet8 1.4-1.5x, the NORM step (resnet20 -> resnet8, N=8) 1.15-1.3x, evaluation 1.4-1.6x
+  (benchmarks/train_speed.py runs the comparison on any machine). The same network: only float rounding differs.
+- CUDA: NHWC with fp16/bf16 autocast (tensor-core convolutions want channels-last, NVIDIA's "Convolutional
+  Layers User's Guide"), NCHW in fp32, where cuDNN gains nothing from it.
+- anything else: NCHW.
 """
 from __future__ import annotations
 
@@ -100,6 +110,39 @@ def resolve_amp(amp: str, device: str, *, caps: Optional[Mapping[str, Any]] = No
         return AmpChoice(amp, None, "bf16 autocast measured no faster on GPUs for small networks (kernel-launch bound); "
                                     "set amp: bf16 for large models or inputs")
     return AmpChoice(amp, None, f"no measured autocast gain on {kind}")
+
+
+@dataclass(frozen=True)
+class LayoutChoice:
+    """The resolved memory format: ``channels_last`` on or off, what was asked for, and why."""
+
+    requested: str
+    channels_last: bool
+    reason: str
+
+    def metrics(self) -> dict[str, Any]:
+        return {"channels_last": self.channels_last, "channels_last_requested": self.requested,
+                "channels_last_reason": self.reason}
+
+    def describe(self) -> str:
+        return f"memory format {'channels_last' if self.channels_last else 'NCHW'} (channels_last: {self.requested}; {self.reason})"
+
+
+def resolve_channels_last(value: Any, device: str, amp_dtype: Optional[torch.dtype] = None) -> LayoutChoice:
+    """``channels_last: auto | true | false`` on ``device`` (with the autocast dtype already resolved)."""
+    if isinstance(value, bool):
+        return LayoutChoice(str(value).lower(), value, "as configured")
+    if value != "auto":
+        raise PipelineError(f"unknown channels_last {value!r}: use auto, true or false")
+    kind = device.split(":")[0]
+    if kind == "cpu":
+        return LayoutChoice("auto", True, "CPU: oneDNN convolutions run channels-last without per-call reorders "
+                                          "(1.15-1.5x faster training measured on a 2-core AVX2 CPU)")
+    if kind == "cuda":
+        if amp_dtype in (torch.float16, torch.bfloat16):
+            return LayoutChoice("auto", True, "CUDA with 16-bit autocast: tensor-core convolutions want channels-last")
+        return LayoutChoice("auto", False, "CUDA in fp32: no gain from channels-last")
+    return LayoutChoice("auto", False, f"no measured channels-last gain on {kind}")
 
 
 def bf16_supported(device: str) -> bool:

@@ -12,7 +12,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -36,7 +36,7 @@ class TrainSpec:
     lr_decay: float = 0.1
     warmup_epochs: int = 0
     amp: str = "none"
-    channels_last: bool = False
+    channels_last: Union[bool, str] = False  # True/False, or "auto" (resolved per device by precision.resolve_channels_last)
     compile: bool = False
 
     @classmethod
@@ -173,17 +173,19 @@ def fit(*, model: nn.Module, step: Callable, train, val, spec: TrainSpec, out_di
     only rank 0 writes; every rank resumes from the same checkpoint (any world size).
     """
     is_main = dist.rank() == 0
-    model.to(device)
-    if spec.channels_last:
-        model.to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay,
-                          nesterov=spec.nesterov)
-    from stages.lib.precision import resolve_amp
+    from stages.lib.precision import resolve_amp, resolve_channels_last
 
     amp = resolve_amp(spec.amp, device)
     amp_dtype = amp.dtype
+    layout = resolve_channels_last(spec.channels_last, device, amp_dtype)
+    channels_last = layout.channels_last
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay,
+                          nesterov=spec.nesterov)
     if is_main:
-        log(f"{label}: {amp.describe()}")
+        log(f"{label}: {amp.describe()}; {layout.describe()}")
     scaler = torch.amp.GradScaler(device.split(":")[0]) if amp_dtype == torch.float16 else None
     ckpt = Checkpointer(out_dir / "ckpt", enabled=is_main)
     history: list[dict] = []
@@ -226,7 +228,7 @@ def fit(*, model: nn.Module, step: Callable, train, val, spec: TrainSpec, out_di
                 if spec.schedule == "cosine":
                     for g in opt.param_groups:
                         g["lr"] = lr_at(spec, epoch + i / max(batches, 1))
-                if spec.channels_last:
+                if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 with autocast(device, amp_dtype):
                     logits, terms = step(train_model, x, y, epoch)
@@ -263,7 +265,7 @@ def fit(*, model: nn.Module, step: Callable, train, val, spec: TrainSpec, out_di
             model.eval()
             dist.broadcast_buffers(model)  # evaluate (on every rank's shard) exactly the model rank 0 saves
             clock.eval_started()
-            ev = evaluate(forward, val, device=device, amp_dtype=amp_dtype, channels_last=spec.channels_last)
+            ev = evaluate(forward, val, device=device, amp_dtype=amp_dtype, channels_last=channels_last)
             clock.eval_done()
             if not math.isfinite(ev["loss"]):  # a finite last step can still leave inf/NaN weights: never save them
                 raise TrainingDiverged(_diverged(label, f"validation loss became {ev['loss']}", epoch, ckpt.last))
@@ -286,7 +288,7 @@ def fit(*, model: nn.Module, step: Callable, train, val, spec: TrainSpec, out_di
     last = history[-1] if history else {}
     return {"top1": last.get("val_top1"), "top5": last.get("val_top5"), "best_top1": best_top1,
             "best_epoch": best_epoch, "epochs": spec.epochs,
-            "train_s": sum(r.get("epoch_s", 0.0) for r in history), **amp.metrics()}
+            "train_s": sum(r.get("epoch_s", 0.0) for r in history), **amp.metrics(), **layout.metrics()}
 
 
 def _stage_clock(spec: TrainSpec, train, val, start_epoch: int):

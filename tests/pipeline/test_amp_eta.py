@@ -9,6 +9,7 @@ import pytest
 from rich.console import Console
 
 from pipeline.config import load_config
+from stages.lib import precision
 from stages.lib.precision import resolve_amp
 
 
@@ -27,10 +28,16 @@ def test_run_records_precision_and_shows_run_eta(tmp_path, tiny_overrides, monke
         m = json.loads((tmp_path / stage / "record.json").read_text())["metrics"]
         assert (m["amp"], m["amp_requested"], m["amp_reason"]) == (choice.name, "auto", choice.reason)
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["precision"]["distill"] == {"amp": choice.name, "requested": "auto", "reason": choice.reason}
+    layout = precision.resolve_channels_last("auto", "cpu", choice.dtype)
+    assert summary["precision"]["distill"] == {"amp": choice.name, "requested": "auto", "reason": choice.reason,
+                                               "channels_last": layout.channels_last,
+                                               "channels_last_reason": layout.reason}
     html = (tmp_path / "report.html").read_text()
-    assert f"NORM {choice.name}" in html and "precision" in html
-    assert f"teacher resnet8: {choice.describe()}" in out  # said when training starts
+    assert f"NORM {choice.name} NHWC" in html and "precision" in html
+    for stage in ("teacher", "baseline", "distill"):  # auto on CPU: NHWC, recorded per training stage
+        assert json.loads((tmp_path / stage / "record.json").read_text())["metrics"].get("channels_last") is True, stage
+    flat = " ".join(out.split())  # the console wraps the long line
+    assert f"teacher resnet8: {choice.describe()}; {layout.describe()}" in flat  # said when training starts
 
     rules = [line for line in out.splitlines() if " — " in line]
     by_stage = {s: next(line for line in rules if f" {s} " in line) for s in ("teacher", "baseline", "merge", "verify")}

@@ -93,3 +93,61 @@ def test_fit_trains_under_the_resolved_precision_and_records_it(tmp_path, monkey
     choice = resolve_amp("auto", "cpu", caps=caps)
     assert (metrics["amp"], metrics["amp_reason"], metrics["amp_requested"]) == (choice.name, choice.reason, "auto")
     assert any(choice.reason in line for line in logs)
+
+
+@pytest.mark.parametrize("value, device, amp_dtype, expect", [
+    ("auto", "cpu", None, True),
+    ("auto", "cpu", torch.bfloat16, True),
+    ("auto", "cuda:0", None, False),
+    ("auto", "cuda", torch.bfloat16, True),
+    ("auto", "cuda", torch.float16, True),
+    ("auto", "mps", None, False),
+    (True, "cuda", None, True),
+    (False, "cpu", None, False),
+])
+def test_channels_last_choice(value, device, amp_dtype, expect):
+    choice = precision.resolve_channels_last(value, device, amp_dtype)
+    assert choice.channels_last is expect
+    assert choice.metrics()["channels_last"] is expect and choice.reason
+    with pytest.raises(PipelineError, match="unknown channels_last"):
+        precision.resolve_channels_last("yes", device)
+
+
+def test_schema_default_channels_last_is_auto_and_booleans_still_parse():
+    from pipeline.config import load_config
+
+    cfg = load_config(None)
+    assert (cfg.teacher.channels_last, cfg.baseline.channels_last, cfg.distill.channels_last) == ("auto",) * 3
+    assert load_config(None, ["distill.channels_last=false"]).distill.channels_last is False
+
+
+@pytest.mark.parametrize("value, expect", [("auto", True), (False, False)])
+def test_fit_trains_in_the_resolved_memory_format_and_records_it(tmp_path, value, expect):
+    from stages.lib import training as T
+
+    seen = []
+
+    class Conv(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(4, 3)
+
+        def forward(self, x):
+            if self.training:
+                seen.append((x.is_contiguous(memory_format=torch.channels_last),
+                             self.conv.weight.is_contiguous(memory_format=torch.channels_last)))
+            return self.fc(self.conv(x).mean((2, 3)))
+
+    def step(m, x, y, epoch):
+        logits = m(x)
+        return logits, {"ce": nn.functional.cross_entropy(logits, y)}
+
+    split = _Split()
+    split.x = torch.randn(32, 3, 8, 8)  # 3 channels: with one, NCHW and NHWC strides coincide
+    logs: list[str] = []
+    metrics = T.fit(model=Conv(), step=step, train=split, val=split,
+                    spec=T.TrainSpec(epochs=1, lr=0.1, channels_last=value), out_dir=tmp_path, device="cpu",
+                    label="tiny", log=logs.append)
+    assert seen and set(seen) == {(expect, expect)}
+    assert metrics["channels_last"] is expect and metrics["channels_last_requested"] == str(value).lower()
+    assert any("channels_last" in line or "NCHW" in line for line in logs)
