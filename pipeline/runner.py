@@ -37,7 +37,7 @@ class StageResult:
 
 def environment() -> dict:
     """What a GPU stage's output depends on beyond its inputs: TensorRT, CUDA, the GPU (no torch import)."""
-    from stages.engine import environment_fingerprint
+    from stages.lib.trt_env import environment_fingerprint
 
     return environment_fingerprint()
 

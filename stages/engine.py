@@ -35,15 +35,6 @@ def int8_source(ctx: StageContext) -> Path | str:
     return Path(ctx.inputs["quantize"]) / int8["file"]
 
 
-def environment_fingerprint() -> dict:
-    """TensorRT version, CUDA availability, GPU name and compute capability (no torch import)."""
-    from stages.lib import trt
-
-    gpu = trt.gpu_info()
-    return {"tensorrt": trt.tensorrt_version(), "cuda": gpu is not None, "gpu": gpu["name"] if gpu else None,
-            "compute_capability": gpu["compute_capability"] if gpu else None}
-
-
 def run_padded(runner: Any, x: np.ndarray, min_batch: int) -> np.ndarray:
     """``runner.infer`` on a batch smaller than the profile's minimum: pad with zeros, drop the padding."""
     n = len(x)
@@ -124,9 +115,9 @@ def _torch_batches(meta: dict, batch: int):
 
 
 def run(ctx: StageContext) -> dict:
-    from stages.lib import onnx_utils, trt
+    from stages.lib import onnx_utils, trt_build, trt_env, trt_runtime
 
-    ok, reason = trt.trt_available()
+    ok, reason = trt_env.trt_available()
     if not ok:
         ctx.skip(reason)
     c = ctx.cfg.engine
@@ -153,14 +144,14 @@ def run(ctx: StageContext) -> dict:
                                                log=ctx.log)
             continue
         ctx.log(f"building the {prec} TensorRT engine (profile {c.min_batch}/{c.opt_batch}/{c.max_batch})")
-        sidecars[prec] = trt.build_engine(onnx_path, ctx.out_dir / f"model_{prec}.plan", precision=prec,
-                                          min_batch=c.min_batch, opt_batch=c.opt_batch, max_batch=c.max_batch,
-                                          workspace_mb=c.workspace_mb, optimization_level=c.optimization_level,
-                                          hardware_compatibility=c.hardware_compatibility, timing_cache_path=cache,
-                                          log=ctx.log)
+        sidecars[prec] = trt_build.build_engine(onnx_path, ctx.out_dir / f"model_{prec}.plan", precision=prec,
+                                                min_batch=c.min_batch, opt_batch=c.opt_batch, max_batch=c.max_batch,
+                                                workspace_mb=c.workspace_mb, optimization_level=c.optimization_level,
+                                                hardware_compatibility=c.hardware_compatibility, timing_cache_path=cache,
+                                                log=ctx.log)
     batch = max(c.min_batch, min(c.max_batch, ctx.cfg.data.eval_batch_size))
     tolerances = {p: INT8_TOL if p == "int8" else (getattr(c, f"{p}_atol"), getattr(c, f"{p}_rtol")) for p in sidecars}
-    runners = {p: trt.TrtRunner(ctx.out_dir / f"model_{p}.plan") for p in sidecars}
+    runners = {p: trt_runtime.TrtRunner(ctx.out_dir / f"model_{p}.plan") for p in sidecars}
     try:
         for p, r in runners.items():
             for note in getattr(r, "notes", []):

@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stages.lib import trt
+from stages.lib import trt_buffers, trt_build, trt_env, trt_rules, trt_runtime
 from stages.lib.errors import PipelineError, StageSkipped
 
 _EXPORTS: dict[str, Path] = {}
-TRT_OK, TRT_REASON = trt.trt_available()
+TRT_OK, TRT_REASON = trt_env.trt_available()
 
 
 def make_export_dir(upstream, dest: Path) -> Path:
@@ -82,7 +82,7 @@ def test_fp16_conversion_close_to_fp32(export_dir, val_x, tmp_path):
     import onnx
 
     dst = tmp_path / "model_fp16.onnx"
-    stats = trt.convert_onnx_to_fp16(export_dir / "model.onnx", dst)
+    stats = trt_build.convert_onnx_to_fp16(export_dir / "model.onnx", dst)
     g = onnx.load(str(dst)).graph
     assert stats["initializers"] > 0 and stats["clipped_values"] == 0
     assert [i.type.tensor_type.elem_type for i in g.input] == [onnx.TensorProto.FLOAT]
@@ -124,7 +124,7 @@ def _synthetic(path: Path) -> None:
 
 def test_fp16_conversion_edge_cases(tmp_path):
     _synthetic(tmp_path / "s.onnx")
-    stats = trt.convert_onnx_to_fp16(tmp_path / "s.onnx", tmp_path / "s16.onnx")
+    stats = trt_build.convert_onnx_to_fp16(tmp_path / "s.onnx", tmp_path / "s16.onnx")
     assert stats["constants"] == 1 and stats["clipped_values"] == 2  # 1e6 does not fit in fp16: clipped to 65504
     assert stats["casts"] == 4  # input, two outputs, Resize scales back to fp32
     x = np.random.default_rng(1).standard_normal((3, 2, 5, 5)).astype(np.float32)
@@ -143,20 +143,20 @@ def test_fp16_conversion_refuses_subgraphs(tmp_path):
                      [h.make_tensor_value_info("y", T.FLOAT, [1])])
     onnx.save(h.make_model(g, opset_imports=[h.make_opsetid("", 18)]), str(tmp_path / "if.onnx"))
     with pytest.raises(PipelineError, match="subgraph"):
-        trt.convert_onnx_to_fp16(tmp_path / "if.onnx", tmp_path / "out.onnx")
+        trt_build.convert_onnx_to_fp16(tmp_path / "if.onnx", tmp_path / "out.onnx")
     assert not (tmp_path / "out.onnx").exists()
 
 
 # ----------------------------------------------------------------------------- versions, profiles, sidecars
 def test_versions_and_profiles():
-    assert trt.parse_version("10.3.0.26") == (10, 3, 0, 26)
-    assert trt.parse_version("11.4.1.post1") == (11, 4, 1)
-    assert trt.parse_cc("8.7") == (8, 7) and trt.parse_cc((9, 0)) == (9, 0)
-    assert trt.profile_shapes([-1, 1, 28, 28], 1, 8, 64) == {"min": [1, 1, 28, 28], "opt": [8, 1, 28, 28], "max": [64, 1, 28, 28]}
+    assert trt_rules.parse_version("10.3.0.26") == (10, 3, 0, 26)
+    assert trt_rules.parse_version("11.4.1.post1") == (11, 4, 1)
+    assert trt_rules.parse_cc("8.7") == (8, 7) and trt_rules.parse_cc((9, 0)) == (9, 0)
+    assert trt_rules.profile_shapes([-1, 1, 28, 28], 1, 8, 64) == {"min": [1, 1, 28, 28], "opt": [8, 1, 28, 28], "max": [64, 1, 28, 28]}
     with pytest.raises(PipelineError, match="min_batch <= engine.opt_batch"):
-        trt.profile_shapes([-1, 1, 28, 28], 8, 4, 64)
+        trt_rules.profile_shapes([-1, 1, 28, 28], 8, 4, 64)
     with pytest.raises(PipelineError, match="dynamic axes besides the batch"):
-        trt.profile_shapes([-1, 3, -1, -1], 1, 1, 1)
+        trt_rules.profile_shapes([-1, 3, -1, -1], 1, 1, 1)
 
 
 class _ParserError:
@@ -174,15 +174,15 @@ class _ParserError:
 
 
 def test_parser_errors_are_listed():
-    errs = [trt._parser_error_text(_ParserError(f"problem {i}", f"node_{i}")) for i in range(7)]
-    msg = trt.format_parser_errors("m.onnx", errs)
+    errs = [trt_build.parser_error_text(_ParserError(f"problem {i}", f"node_{i}")) for i in range(7)]
+    msg = trt_build.format_parser_errors("m.onnx", errs)
     assert "problem 0 [node_0 / Foo]" in msg and "problem 4" in msg and "(2 more)" in msg and "m.onnx" in msg
 
 
 def _sidecar(tmp_path, **over) -> dict:
     (tmp_path / "model_fp32.plan").write_bytes(b"\x00plan-bytes")
     (tmp_path / "model.onnx").write_bytes(b"onnx")
-    side = trt.make_sidecar(plan_path=tmp_path / "model_fp32.plan", onnx_path=tmp_path / "model.onnx", precision="fp32",
+    side = trt_rules.make_sidecar(plan_path=tmp_path / "model_fp32.plan", onnx_path=tmp_path / "model.onnx", precision="fp32",
                             fp16_mode=None, tensorrt_version="10.3.0.26", gpu={"name": "Orin", "compute_capability": "8.7"},
                             profile={"input": "input", "min": [1], "opt": [8], "max": [64]}, hardware_compatibility="none",
                             inputs=[], outputs=[], build_seconds=1.23456, optimization_level=3, workspace_mb=1024)
@@ -195,46 +195,46 @@ def test_sidecar_roundtrip(tmp_path):
     side = _sidecar(tmp_path)
     assert side["plan_sha256"] == hashlib.sha256(b"\x00plan-bytes").hexdigest() and side["plan_bytes"] == 11
     assert side["onnx_sha256"] == hashlib.sha256(b"onnx").hexdigest() and side["build_seconds"] == 1.235
-    path = trt.sidecar_path_for(tmp_path / "model_fp32.plan")
+    path = trt_rules.sidecar_path_for(tmp_path / "model_fp32.plan")
     assert path.name == "model_fp32.json"
     path.write_text(json.dumps(side))
-    assert trt.load_sidecar(path) == side
+    assert trt_rules.load_sidecar(path) == side
     path.write_text(json.dumps({"plan": "x"}))
     with pytest.raises(PipelineError, match="not a norm-pipeline engine sidecar"):
-        trt.load_sidecar(path)
+        trt_rules.load_sidecar(path)
     with pytest.raises(PipelineError, match="not found"):
-        trt.load_sidecar(tmp_path / "nope.json")
+        trt_rules.load_sidecar(tmp_path / "nope.json")
 
 
 def test_compatibility_rules(tmp_path):
     side = _sidecar(tmp_path)
     here = {"tensorrt_version": "10.3.0.26", "gpu_name": "Orin", "compute_capability": "8.7"}
-    trt.check_compatibility(side, here)
-    trt.check_compatibility(side, {**here, "tensorrt_version": "10.3.0"})  # build number unknown here: compared to the patch
-    assert any("build number could not be compared" in n for n in trt.compatibility_notes(side, {**here, "tensorrt_version": "10.3.0"}))
+    trt_rules.check_compatibility(side, here)
+    trt_rules.check_compatibility(side, {**here, "tensorrt_version": "10.3.0"})  # build number unknown here: compared to the patch
+    assert any("build number could not be compared" in n for n in trt_rules.compatibility_notes(side, {**here, "tensorrt_version": "10.3.0"}))
     for other in ("10.3.0.30", "10.3.1", "10.8.0"):  # TensorRT refuses any other version, patch and build included
         with pytest.raises(PipelineError) as e:
-            trt.check_compatibility(side, {**here, "tensorrt_version": other})
+            trt_rules.check_compatibility(side, {**here, "tensorrt_version": other})
         assert "10.3.0.26" in str(e.value) and other in str(e.value) and "trtexec" in str(e.value)
     with pytest.raises(PipelineError, match=r"compute capability 8\.7.*has 8\.6"):
-        trt.check_compatibility(side, {**here, "compute_capability": "8.6", "gpu_name": "RTX 3090"})
+        trt_rules.check_compatibility(side, {**here, "compute_capability": "8.6", "gpu_name": "RTX 3090"})
     with pytest.raises(PipelineError, match="not installed"):
-        trt.check_compatibility(side, {**here, "tensorrt_version": None})
+        trt_rules.check_compatibility(side, {**here, "tensorrt_version": None})
     with pytest.raises(PipelineError, match="no CUDA device"):
-        trt.check_compatibility(side, {**here, "compute_capability": None})
+        trt_rules.check_compatibility(side, {**here, "compute_capability": None})
     amp = {**side, "hardware_compatibility": "ampere_plus", "compute_capability": "8.0"}
     for cc in ("8.6", "8.9", "9.0"):
-        trt.check_compatibility(amp, {**here, "compute_capability": cc})
+        trt_rules.check_compatibility(amp, {**here, "compute_capability": cc})
     with pytest.raises(PipelineError, match=">= 8.0"):
-        trt.check_compatibility(amp, {**here, "compute_capability": "7.5"})
+        trt_rules.check_compatibility(amp, {**here, "compute_capability": "7.5"})
     same = {**side, "hardware_compatibility": "same_compute_capability"}
-    trt.check_compatibility(same, {**here, "gpu_name": "another 8.7 GPU"})
-    assert not [n for n in trt.compatibility_notes(same, {**here, "gpu_name": "another 8.7 GPU"}) if "GPU" in n]
+    trt_rules.check_compatibility(same, {**here, "gpu_name": "another 8.7 GPU"})
+    assert not [n for n in trt_rules.compatibility_notes(same, {**here, "gpu_name": "another 8.7 GPU"}) if "GPU" in n]
 
 
 # ----------------------------------------------------------------------------- environment
 def test_environment_fingerprint_is_cheap():
-    code = ("import sys, json; from stages.engine import environment_fingerprint as f; fp = f(); "
+    code = ("import sys, json; from stages.lib.trt_env import environment_fingerprint as f; fp = f(); "
             "assert 'torch' not in sys.modules, 'torch imported'; print(json.dumps(fp))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[2], timeout=60)
     assert out.returncode == 0, out.stderr
@@ -255,10 +255,10 @@ def test_engine_stage_skips_without_tensorrt(make_ctx, export_dir):
 
 def test_cuda_python_errors_are_pipeline_errors():
     pytest.importorskip("cuda.bindings", reason="cuda-python is not installed")
-    if trt.gpu_info() is not None:
+    if trt_env.gpu_info() is not None:
         pytest.skip("a CUDA GPU is visible: cudaStreamCreate would succeed")
     with pytest.raises(PipelineError, match="cudaStreamCreate"):
-        trt._CudaPythonBuffers()
+        trt_buffers._CudaPythonBuffers()
 
 
 
@@ -272,7 +272,7 @@ class FakeRunner:
     closed: list = []
 
     def __init__(self, plan_path, sidecar_path=None):
-        side = trt.load_sidecar(trt.sidecar_path_for(plan_path))
+        side = trt_rules.load_sidecar(trt_rules.sidecar_path_for(plan_path))
         self.precision, self.notes = side["precision"], []
         self.min, self.max = side["profile"]["min"][0], side["profile"]["max"][0]
         self.session, self.rng = _ort(self.onnx_path), np.random.default_rng(0)
@@ -293,23 +293,23 @@ class FakeRunner:
 
 def fake_build(onnx_path, plan_path, *, precision, min_batch, opt_batch, max_batch, timing_cache_path=None, **kw):
     Path(plan_path).write_bytes(b"fake plan " + precision.encode())
-    ins, outs = trt.onnx_io(onnx_path)
-    side = trt.make_sidecar(plan_path=plan_path, onnx_path=onnx_path, precision=precision, fp16_mode=None,
+    ins, outs = trt_build.onnx_io(onnx_path)
+    side = trt_rules.make_sidecar(plan_path=plan_path, onnx_path=onnx_path, precision=precision, fp16_mode=None,
                             tensorrt_version="10.3.0.26", gpu={"name": "Fake GPU", "compute_capability": "8.7"},
-                            profile={"input": "input", **trt.profile_shapes(ins[0]["shape"], min_batch, opt_batch, max_batch)},
+                            profile={"input": "input", **trt_rules.profile_shapes(ins[0]["shape"], min_batch, opt_batch, max_batch)},
                             hardware_compatibility=kw.get("hardware_compatibility", "none"), inputs=ins, outputs=outs,
                             build_seconds=0.1, optimization_level=kw.get("optimization_level", 3),
                             workspace_mb=kw.get("workspace_mb", 1024))
     assert timing_cache_path is not None
-    trt.sidecar_path_for(plan_path).write_text(json.dumps(side))
+    trt_rules.sidecar_path_for(plan_path).write_text(json.dumps(side))
     return side
 
 
 @pytest.fixture
 def fake_trt(monkeypatch, export_dir):
-    monkeypatch.setattr(trt, "trt_available", lambda: (True, "fake TensorRT"))
-    monkeypatch.setattr(trt, "build_engine", fake_build)
-    monkeypatch.setattr(trt, "TrtRunner", FakeRunner)
+    monkeypatch.setattr(trt_env, "trt_available", lambda: (True, "fake TensorRT"))
+    monkeypatch.setattr(trt_build, "build_engine", fake_build)
+    monkeypatch.setattr(trt_runtime, "TrtRunner", FakeRunner)
     monkeypatch.setattr(FakeRunner, "onnx_path", export_dir / "model.onnx")
     monkeypatch.setattr(FakeRunner, "noise", {"fp32": 0.0, "fp16": 0.0})
     FakeRunner.seen, FakeRunner.closed = [], []
@@ -375,13 +375,13 @@ def test_build_and_run_with_fake_tensorrt(monkeypatch, export_dir, val_x, tmp_pa
     ref = _ort(export_dir / "model.onnx").run(["logits"], {"input": x})[0]
     for precision in ("fp32", "fp16"):
         plan = tmp_path / f"model_{precision}.plan"
-        side = trt.build_engine(export_dir / "model.onnx", plan, precision=precision, min_batch=1, opt_batch=8,
+        side = trt_build.build_engine(export_dir / "model.onnx", plan, precision=precision, min_batch=1, opt_batch=8,
                                 max_batch=64, workspace_mb=256, hardware_compatibility="ampere_plus",
                                 timing_cache_path=tmp_path / "cache", log=lambda m: None)
         fp16_mode = None if precision == "fp32" else ("fp16_onnx" if version.startswith("11") else "builder_flag")
         assert side["fp16_mode"] == fp16_mode and side["tensorrt_version"] == version
-        assert plan.read_bytes().startswith(fake_tensorrt.MAGIC) and trt.load_sidecar(plan.with_suffix(".json")) == side
-        with trt.TrtRunner(plan) as runner:
+        assert plan.read_bytes().startswith(fake_tensorrt.MAGIC) and trt_rules.load_sidecar(plan.with_suffix(".json")) == side
+        with trt_runtime.TrtRunner(plan) as runner:
             out = runner.infer(x)
             assert runner.time(x[:8], 3) == [0.5] * 3
             with pytest.raises(PipelineError, match="outside the engine's profile"):
@@ -397,11 +397,11 @@ def test_build_and_run_with_fake_tensorrt(monkeypatch, export_dir, val_x, tmp_pa
     assert (tmp_path / "cache").read_bytes() == b"FAKECACHE2"  # loaded by the second build, extended, saved again
     if version.startswith("10.3"):
         with pytest.raises(PipelineError, match="SAME_COMPUTE_CAPABILITY"):
-            trt.build_engine(export_dir / "model.onnx", tmp_path / "x.plan", precision="fp32", min_batch=1, opt_batch=1,
+            trt_build.build_engine(export_dir / "model.onnx", tmp_path / "x.plan", precision="fp32", min_batch=1, opt_batch=1,
                              max_batch=1, hardware_compatibility="same_compute_capability")
     (tmp_path / "model_fp32.plan").write_bytes(fake_tensorrt.MAGIC + b"tampered")
     with pytest.raises(PipelineError, match="does not match its sidecar"):
-        trt.TrtRunner(tmp_path / "model_fp32.plan")
+        trt_runtime.TrtRunner(tmp_path / "model_fp32.plan")
     assert not fake_cuda.DEVICE  # every fake device buffer was freed
 
 
@@ -413,14 +413,14 @@ def test_build_and_run_engine_matches_onnxruntime(export_dir, val_x, tmp_path, p
     from stages.lib.io import sha256_file
 
     plan = tmp_path / f"model_{precision}.plan"
-    side = trt.build_engine(export_dir / "model.onnx", plan, precision=precision, min_batch=1, opt_batch=8, max_batch=64,
+    side = trt_build.build_engine(export_dir / "model.onnx", plan, precision=precision, min_batch=1, opt_batch=8, max_batch=64,
                             workspace_mb=256, timing_cache_path=tmp_path / "cache")
     assert side["plan_sha256"] == sha256_file(plan) and (tmp_path / "cache").stat().st_size > 0
-    assert side["tensorrt_version"] == trt.tensorrt_version() and side["profile"]["max"] == [64, 1, 28, 28]
+    assert side["tensorrt_version"] == trt_env.tensorrt_version() and side["profile"]["max"] == [64, 1, 28, 28]
     x = val_x[0]
     ref = _ort(export_dir / "model.onnx").run(["logits"], {"input": x})[0]
     tol = 1e-3 if precision == "fp32" else 5e-2
-    with trt.TrtRunner(plan) as runner:
+    with trt_runtime.TrtRunner(plan) as runner:
         out = runner.infer(x)
         assert out.shape == ref.shape and np.abs(out - ref).max() <= tol * max(1.0, np.abs(ref).max())
         assert (out.argmax(1) == ref.argmax(1)).mean() >= 0.95

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from stages.lib import trt
+from stages.lib import trt_build
 from stages.lib.io import sha256_file
 from tests.fakes import fake_cuda, fake_tensorrt
 from tests.stages.test_bundle import _run_bundle
@@ -44,7 +44,7 @@ def engine(env, onnx: Path, folder: Path, precision: str = "fp32") -> Path:
     if precision == "int8":
         build_int8_engine(onnx, plan, **kw)
     else:
-        trt.build_engine(onnx, plan, precision=precision, **kw)
+        trt_build.build_engine(onnx, plan, precision=precision, **kw)
     return plan
 
 

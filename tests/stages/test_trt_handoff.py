@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stages.lib import trt
+from stages.lib import trt_buffers, trt_build, trt_env, trt_rules, trt_runtime
 from stages.lib.errors import PipelineError
 from tests.fakes import fake_cuda, fake_tensorrt
 
@@ -51,7 +51,7 @@ def ort_run(path: Path, x: np.ndarray) -> np.ndarray:
 def build(tmp_path: Path, onnx_path: Path, precision: str = "fp32", **kw) -> Path:
     plan = tmp_path / f"model_{precision}.plan"
     kw = {"min_batch": 1, "opt_batch": 4, "max_batch": 8, **kw}
-    trt.build_engine(onnx_path, plan, precision=precision, timing_cache_path=tmp_path / "cache", log=lambda m: None, **kw)
+    trt_build.build_engine(onnx_path, plan, precision=precision, timing_cache_path=tmp_path / "cache", log=lambda m: None, **kw)
     return plan
 
 
@@ -114,25 +114,26 @@ def test_fake_is_strict(env):
 # ----------------------------------------------------------------------------- 1. exact plan version
 def test_plan_version_is_checked_to_the_patch(env, tmp_path, monkeypatch):
     plan = build(tmp_path, tiny_onnx(tmp_path / "model.onnx"))
-    side = trt.load_sidecar(plan.with_suffix(".json"))
+    side = trt_rules.load_sidecar(plan.with_suffix(".json"))
     here = {"tensorrt_version": "10.3.0", "gpu_name": "Fake GPU", "compute_capability": "8.7"}
-    trt.check_compatibility(side, here)
+    trt_rules.check_compatibility(side, here)
     run_trt = load_run_trt()
     assert run_trt.compatibility_problem(side, "10.3.0", ("Fake GPU", "8.7")) is None
-    for other in ("10.3.1", "10.4.0", "10.3.0.27" if len(trt.parse_version(side["tensorrt_version"])) > 3 else "10.3.2"):
+    for other in ("10.3.1", "10.4.0", "10.3.0.27" if len(trt_rules.parse_version(side["tensorrt_version"])) > 3 else "10.3.2"):
         with pytest.raises(PipelineError, match=r"exact version.*rebuild the engine with trtexec on the device.*trtexec --onnx="):
-            trt.check_compatibility(side, {**here, "tensorrt_version": other})
+            trt_rules.check_compatibility(side, {**here, "tensorrt_version": other})
         assert "trtexec --onnx=model.onnx" in run_trt.compatibility_problem(side, other, ("Fake GPU", "8.7"))
-    assert trt.same_tensorrt("10.3.0.26", "10.3.0") and not trt.same_tensorrt("10.3.0.26", "10.3.0.30")
+    assert trt_rules.same_tensorrt("10.3.0.26", "10.3.0") and not trt_rules.same_tensorrt("10.3.0.26", "10.3.0.30")
     fake_tensorrt.install(monkeypatch, "10.3.1")  # the device has another patch release: refused before deserializing
     with pytest.raises(PipelineError) as e:
-        trt.TrtRunner(plan)
+        trt_runtime.TrtRunner(plan)
     assert "trtexec on the device" in str(e.value) and "deserialize" not in str(e.value)
     assert not fake_cuda.DEVICE
-    from stages.bundle import _engine_checks  # `bundle verify` warns with the same rule and command
+    from stages.lib.bundle_check import engine_checks  # `bundle verify` warns with the same rule and command
 
-    warnings = _engine_checks(tmp_path, {"engines": [{"sidecar": "model_fp32.json"}]})
-    assert len(warnings) == 1 and warnings[0].startswith("warning:") and "10.3.1" in warnings[0] and "trtexec --onnx" in warnings[0]
+    warnings = engine_checks(tmp_path, {"engines": [{"sidecar": "model_fp32.json"}]})
+    assert len(warnings) == 1 and warnings[0].severity == "warning"
+    assert "10.3.1" in warnings[0].message and "trtexec --onnx" in warnings[0].message
 
 
 # ----------------------------------------------------------------------------- 2. construction failures, None results
@@ -140,16 +141,16 @@ def test_cuda_start_failure_is_explained(env, tmp_path):
     onnx_path = tiny_onnx(tmp_path / "model.onnx")
     plan = build(tmp_path, onnx_path)
     env._fake.cuda_fails = True
-    ok, reason = trt.trt_available()
+    ok, reason = trt_env.trt_available()
     assert not ok and "could not start CUDA" in reason and "nullptr" in reason
     with pytest.raises(PipelineError, match="could not start CUDA.*driver"):
         build(tmp_path, onnx_path)
     with pytest.raises(PipelineError, match="could not start CUDA"):
-        trt.TrtRunner(plan)
+        trt_runtime.TrtRunner(plan)
     assert not fake_cuda.DEVICE  # buffers freed on the way out
     run_trt = load_run_trt()
     with pytest.raises(SystemExit, match="could not start CUDA"):
-        run_trt.Engine(plan, trt.load_sidecar(plan.with_suffix(".json")))
+        run_trt.Engine(plan, trt_rules.load_sidecar(plan.with_suffix(".json")))
 
 
 @pytest.mark.parametrize("fault, match", [("build_fails", "could not build the fp32 engine"),
@@ -167,10 +168,10 @@ def test_tensorrt_failures_are_pipeline_errors(env, tmp_path, fault, match):
     plan = build(tmp_path, onnx_path)
     setattr(env._fake, fault, True)
     with pytest.raises(PipelineError, match=match):
-        trt.TrtRunner(plan)
+        trt_runtime.TrtRunner(plan)
     assert not fake_cuda.DEVICE
     with pytest.raises(SystemExit, match="could not load|execution context"):
-        load_run_trt().Engine(plan, trt.load_sidecar(plan.with_suffix(".json")))
+        load_run_trt().Engine(plan, trt_rules.load_sidecar(plan.with_suffix(".json")))
 
 
 # ----------------------------------------------------------------------------- 3. extras by CUDA major
@@ -204,7 +205,7 @@ def test_tensorrt_extras_match_the_cuda_driver():
 def test_run_trt_feeds_the_engines_own_dtypes(env, tmp_path):
     onnx16 = tiny_onnx(tmp_path / "model.onnx", fp16_io=True)
     plan = build(tmp_path, onnx16, max_batch=8)
-    side = trt.load_sidecar(plan.with_suffix(".json"))
+    side = trt_rules.load_sidecar(plan.with_suffix(".json"))
     assert [i["dtype"] for i in side["inputs"]] == ["float16"]
     x = np.random.default_rng(2).standard_normal((19, 1, 28, 28)).astype(np.float32)
     ref = ort_run(onnx16, x).astype(np.float32)
@@ -214,7 +215,7 @@ def test_run_trt_feeds_the_engines_own_dtypes(env, tmp_path):
     np.testing.assert_allclose(out, ref, rtol=1e-3, atol=1e-3)
     with pytest.raises(SystemExit, match=r"batch of 9 is outside the engine's profile \(1 .. 8\)"):
         engine.run_batch(x[:9])
-    with trt.TrtRunner(plan) as runner:  # the pipeline's runner agrees
+    with trt_runtime.TrtRunner(plan) as runner:  # the pipeline's runner agrees
         np.testing.assert_allclose(runner.infer(x[:8]).astype(np.float32), ref[:8], rtol=1e-3, atol=1e-3)
 
 
@@ -224,30 +225,30 @@ def test_platform_is_recorded_and_checked(env, tmp_path, monkeypatch):
     (tmp_path / "etc/nv_tegra_release").write_text("# R36 (release), REVISION: 4.3, GCID: 1, BOARD: generic, EABI: aarch64\n")
     (tmp_path / "proc/driver/nvidia").mkdir(parents=True)
     (tmp_path / "proc/driver/nvidia/version").write_text("NVRM version: NVIDIA UNIX x86_64 Kernel Module  550.54.15  Tue\n")
-    assert trt.platform_info(root=tmp_path)["l4t"] == "36.4.3" and trt.platform_info(root=tmp_path)["driver"] == "550.54.15"
-    assert trt.platform_info(root=tmp_path / "none")["l4t"] is None
+    assert trt_rules.platform_info(root=tmp_path)["l4t"] == "36.4.3" and trt_rules.platform_info(root=tmp_path)["driver"] == "550.54.15"
+    assert trt_rules.platform_info(root=tmp_path / "none")["l4t"] is None
     plan = build(tmp_path, tiny_onnx(tmp_path / "model.onnx"))
-    side = trt.load_sidecar(plan.with_suffix(".json"))
+    side = trt_rules.load_sidecar(plan.with_suffix(".json"))
     plat = side["platform"]
     assert plat["os"] and plat["arch"] and plat["cuda_driver"] == "12.4" and plat["cuda_runtime"] == "12.6"
     here = {"tensorrt_version": side["tensorrt_version"], "gpu_name": "Fake GPU", "compute_capability": "8.7", "platform": plat}
-    trt.check_compatibility(side, here)
+    trt_rules.check_compatibility(side, here)
     jetson = {**plat, "arch": plat["arch"], "l4t": "36.4.3"}
     cases = [({**plat, "arch": "aarch64" if plat["arch"] != "aarch64" else "x86_64"}, "CPU architecture"),
              ({**plat, "os": "Windows"}, "operating system"), (jetson, "JetPack")]
     for p, what in cases:
         with pytest.raises(PipelineError, match=what):
-            trt.check_compatibility(side, {**here, "platform": p})
+            trt_rules.check_compatibility(side, {**here, "platform": p})
     amp = {**side, "hardware_compatibility": "ampere_plus", "platform": jetson}
     with pytest.raises(PipelineError, match="JetPack does not support"):
-        trt.check_compatibility(amp, {**here, "platform": jetson})
-    notes = trt.compatibility_notes(side, {**here, "platform": {**plat, "driver": "999.1"}})
+        trt_rules.check_compatibility(amp, {**here, "platform": jetson})
+    notes = trt_rules.compatibility_notes(side, {**here, "platform": {**plat, "driver": "999.1"}})
     assert not notes or all("driver" in n or "GPU" in n for n in notes)
     run_trt = load_run_trt()  # the bundle's runner applies the same platform rules
     for p, _ in cases:
         assert run_trt.compatibility_problem(side, side["tensorrt_version"], ("Fake GPU", "8.7"), p)
     assert run_trt.compatibility_problem(side, side["tensorrt_version"], ("Fake GPU", "8.7"), plat) is None
-    monkeypatch.setattr(trt, "platform_info", lambda cuda=None, root="/": jetson)
+    monkeypatch.setattr(trt_rules, "platform_info", lambda cuda=None, root="/": jetson)
     with pytest.raises(PipelineError, match="not supported on JetPack"):
         build(tmp_path, tmp_path / "model.onnx", hardware_compatibility="ampere_plus")
 
@@ -255,27 +256,27 @@ def test_platform_is_recorded_and_checked(env, tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- 6. no dead version-compatible path
 def test_version_compatible_claims_do_not_loosen_the_check(env, tmp_path):
     plan = build(tmp_path, tiny_onnx(tmp_path / "model.onnx"))
-    side = trt.load_sidecar(plan.with_suffix(".json"))
+    side = trt_rules.load_sidecar(plan.with_suffix(".json"))
     assert "version_compatible" not in side
     vc = {**side, "version_compatible": True}  # e.g. an old sidecar: nothing built it, nothing can load it so
     here = {"tensorrt_version": "10.9.0", "gpu_name": "Fake GPU", "compute_capability": "8.7"}
     with pytest.raises(PipelineError, match="exact version"):
-        trt.check_compatibility(vc, here)
+        trt_rules.check_compatibility(vc, here)
     assert load_run_trt().compatibility_problem(vc, "10.9.0", ("Fake GPU", "8.7"))
 
 
 # ----------------------------------------------------------------------------- 7. buffer backend
 def test_broken_pycuda_falls_back_to_cuda_python(env, tmp_path, monkeypatch):
     fake_cuda.install(monkeypatch, pycuda="broken")
-    bufs = trt._make_buffers()
+    bufs = trt_buffers._make_buffers()
     assert bufs.name == "cuda-python" and "pycuda" in bufs.note and "cuInit failed" in bufs.note
     bufs.close()
-    ok, reason = trt.trt_available()
+    ok, reason = trt_env.trt_available()
     assert ok and "buffers via cuda-python" in reason and "pycuda" in reason
     plan = build(tmp_path, tiny_onnx(tmp_path / "model.onnx"))
-    with trt.TrtRunner(plan) as runner:
+    with trt_runtime.TrtRunner(plan) as runner:
         assert runner.backend == "cuda-python" and any("cuda-python" in n and "pycuda" in n for n in runner.notes)
-    engine = load_run_trt().Engine(plan, trt.load_sidecar(plan.with_suffix(".json")))
+    engine = load_run_trt().Engine(plan, trt_rules.load_sidecar(plan.with_suffix(".json")))
     assert engine.bufs.name == "cuda-python" and "cuInit failed" in engine.bufs.note
 
 
@@ -284,10 +285,10 @@ def test_rejected_input_shape_names_shape_and_profile(env, tmp_path):
     plan = build(tmp_path, tiny_onnx(tmp_path / "model.onnx"))
     env._fake.reject_shapes = True
     with pytest.raises(PipelineError, match=r"rejected input shape \(8, 1, 28, 28\).*profile is \(1, 1, 28, 28\) .. \(8, 1, 28, 28\)"):
-        trt.TrtRunner(plan)
+        trt_runtime.TrtRunner(plan)
     assert not fake_cuda.DEVICE
     with pytest.raises(SystemExit, match=r"rejected input shape \(8, 1, 28, 28\).*\(1, 1, 28, 28\) .. \(8, 1, 28, 28\)"):
-        load_run_trt().Engine(plan, trt.load_sidecar(plan.with_suffix(".json")))
+        load_run_trt().Engine(plan, trt_rules.load_sidecar(plan.with_suffix(".json")))
 
 
 # ----------------------------------------------------------------------------- 9. same compute capability needs Turing
@@ -334,7 +335,7 @@ def _config_as_trtexec(call: dict, input_name: str) -> dict:
 def test_trtexec_command_is_the_pipelines_build(tmp_path, monkeypatch, version, hw):
     from types import SimpleNamespace
 
-    from stages.bundle import trtexec_commands
+    from stages.lib.trt_rules import trtexec_commands
     from stages.lib.trt_int8 import build_int8_engine
 
     fake_cuda.DEVICE.clear()
@@ -343,7 +344,7 @@ def test_trtexec_command_is_the_pipelines_build(tmp_path, monkeypatch, version, 
     onnx_path = tiny_onnx(tmp_path / "model.onnx")
     qdq = tiny_onnx(tmp_path / "model_int8.onnx")  # the fake builds any ONNX; the name is what the line ships
     cfg = SimpleNamespace(min_batch=2, opt_batch=4, max_batch=16, workspace_mb=512, optimization_level=4, hardware_compatibility=hw)
-    shipped = trtexec_commands(cfg, trt.onnx_io(onnx_path)[0][0], int8=True)
+    shipped = trtexec_commands(cfg, trt_build.onnx_io(onnx_path)[0][0], int8=True)
     kw = dict(min_batch=2, opt_batch=4, max_batch=16, workspace_mb=512, optimization_level=4, hardware_compatibility=hw)
     for precision in ("fp32", "fp16", "int8"):
         if precision == "int8":  # the engine stage's int8 path
@@ -351,7 +352,7 @@ def test_trtexec_command_is_the_pipelines_build(tmp_path, monkeypatch, version, 
         else:
             build(tmp_path, onnx_path, precision, **kw)
         call = [c[1] for c in fake._fake.calls if c[0] == "build"][-1]
-        side = trt.load_sidecar(tmp_path / f"model_{precision}.json")
+        side = trt_rules.load_sidecar(tmp_path / f"model_{precision}.json")
         got = _trtexec_settings(side["trtexec"])
         key = precision if precision != "fp16" else ("fp16_trt10" if version.startswith("10") else "fp16_trt11")
         assert _trtexec_settings(shipped[key]) == got  # the bundle's command is the sidecar's
@@ -379,4 +380,4 @@ def test_int8_build_refuses_precision_flags_on_a_strongly_typed_network(env, tmp
     config.set_flag(env.BuilderFlag.INT8)
     assert builder.build_serialized_network(net, config) is None and "not allowed" in env._fake.log[-1]
     with pytest.raises(PipelineError, match="unsupported engine precision 'int4'"):
-        trt.BuildSettings(precision="int4", input_name="input", min_shape=(1,), opt_shape=(1,), max_shape=(1,))
+        trt_rules.BuildSettings(precision="int4", input_name="input", min_shape=(1,), opt_shape=(1,), max_shape=(1,))
