@@ -22,7 +22,7 @@ import torch
 from models.merge import merge_norm_student
 from models.norm import LogitsOnly, NormStudent
 from models.registry import create_model
-from stages.benchmark import measure_cell, ort_backend, torch_backend
+from stages.lib.latency import measure_cell, ort_backend, torch_backend
 from stages.lib import timing
 from stages.lib.flops import count_flops, count_params
 

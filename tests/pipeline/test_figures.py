@@ -116,7 +116,7 @@ def test_ratio_forest_plots_each_comparisons_interval(captured):
 def test_benchmark_latency_png_shows_every_median(tmp_path, monkeypatch):
     import matplotlib.pyplot as plt
 
-    from stages.benchmark import plot_latency
+    from stages.lib.latency_report import plot_latency
 
     shown, real_close = [], plt.close
     monkeypatch.setattr(plt, "close", lambda fig=None: shown.append(fig))

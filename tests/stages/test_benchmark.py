@@ -174,7 +174,7 @@ def _cell(backend: str, batch: int, ratio: float, lo: float, hi: float, cpu: tup
 
 
 def test_verdict_cell_prefers_single_threaded_ort_at_largest_batch():
-    from stages.benchmark import flat_metrics, pick_verdict_cell
+    from stages.lib.latency_verdict import flat_metrics, pick_verdict_cell
 
     cells = [_cell("torch_cpu", 64, 1.5, 1.4, 1.6), _cell("onnxruntime_cpu", 1, 1.0, 0.99, 1.01),
              _cell("onnxruntime_cpu", 32, 1.2, 1.1, 1.3), {"backend": "tensorrt", "batch": 64, "skipped": "x"}]
@@ -192,7 +192,7 @@ def test_verdict_cell_prefers_single_threaded_ort_at_largest_batch():
 
 
 def test_verdict_clock_chooses_cpu_or_wall_comparisons():
-    from stages.benchmark import flat_metrics
+    from stages.lib.latency_verdict import flat_metrics
 
     noisy_wall = _cell("onnxruntime_cpu", 32, 1.03, 0.85, 1.2, cpu=(1.001, 0.995, 1.008))
     cpu = flat_metrics([noisy_wall], noisy_wall, 0.05, "cpu")
@@ -206,7 +206,7 @@ def _fake_backend(costs: dict[str, float], noise: float = 0.01, seed: int = 0):
     """A backend whose models have known costs (ms per item, CPU = wall), log-normal noise per run."""
     import numpy as np
 
-    from stages.benchmark import Backend
+    from stages.lib.latency import Backend
 
     rng = np.random.default_rng(seed)
 
@@ -227,7 +227,8 @@ def test_pair_table_wiring_with_fake_models_of_known_cost(upstream, merged, vani
     table that compared vanilla_b (or anything else) in place of merged would give the wrong ratio and answer."""
     import numpy as np
 
-    from stages.benchmark import flat_metrics, pick_verdict_cell, time_cells
+    from stages.lib.latency import time_cells
+    from stages.lib.latency_verdict import flat_metrics, pick_verdict_cell
 
     costs = {"vanilla": 1.0, "vanilla_b": vanilla_b, "merged": merged, "unmerged": 1.40, "teacher": 3.0}
     c = tiny_cfg(upstream).benchmark
@@ -253,7 +254,7 @@ def test_pair_table_wiring_with_fake_models_of_known_cost(upstream, merged, vani
 
 
 def test_a_negative_control_that_shows_no_cost_voids_a_yes():
-    from stages.benchmark import judge
+    from stages.lib.latency_verdict import judge
 
     comps = {"merged_vs_vanilla": {"ratio": 1.0, "lo": 0.995, "hi": 1.005, "rounds": 40},
              "aa": {"ratio": 1.0, "lo": 0.996, "hi": 1.004, "rounds": 40},
@@ -273,7 +274,7 @@ def test_torch_cuda_backend_times_with_events():
     import numpy as np
 
     from models.registry import create_model
-    from stages.benchmark import measure_cell, torch_backend
+    from stages.lib.latency import measure_cell, torch_backend
 
     m = create_model("resnet8", num_classes=10, in_chans=1).eval()
     twin = create_model("resnet8", num_classes=10, in_chans=1).eval()
