@@ -220,19 +220,19 @@ def bundle() -> None:
 def bundle_verify(path, strict) -> None:
     """Check every file hash of a bundle folder or .tar.gz, engine compatibility with this machine, and run the
     bundle's ONNX self-test (golden images vs the pipeline's logits) for every shipped precision."""
-    from stages.bundle import verify_bundle
+    from stages.lib.bundle_check import integrity_errors, verify_bundle
 
     problems = verify_bundle(Path(path), selftest=True)
-    errors = [p for p in problems if not p.startswith("warning")]
-    engines = [p.removeprefix("warning: ") for p in problems if strict and p.startswith("warning")]
+    errors = integrity_errors(problems)
+    engines = [p.message for p in problems if strict and p.severity == "warning"]
     for p in problems:
-        click.echo(p, err=True)
+        click.echo(str(p), err=True)
     if errors:
         _fail(f"bundle {path} failed verification: {len(errors)} problem(s), first: {errors[0]}; do not deploy it: "
               "copy the bundle again from its source, or rebuild it with `norm-pipeline stage bundle --force`", code=1)
     if engines:
         _fail(f"bundle {path} is intact, but an engine cannot run on this machine: {engines[0]}", code=1)
-    tested = not any("self-test did not run" in p or "no golden self-test" in p for p in problems)
+    tested = not any("self-test did not run" in p.message or "no golden self-test" in p.message for p in problems)
     click.echo(f"bundle {path}: OK (all hashes match{'; ONNX self-test passed' if tested else ''})")
 
 

@@ -149,17 +149,17 @@ MUTATIONS: list[Mutation] = [
        ("        if any(self.state(d) in OUT_OF_DATE for d in spec.inputs):", "        if any(False for d in spec.inputs):")),
     _m("work-reuse", "pipeline/runner.py", "resumes from another configuration's leftovers", ("tests/pipeline/test_resume_state.py",) + RUNNER,
        ("if work.exists() and (force or not marker.is_file() or marker.read_text() != fp):", "if work.exists() and force:")),
-    # ------------------------------------------------------------------ stages/benchmark.py
-    _m("bench-pair", "stages/benchmark.py", "issue 18 bug 2: merged_vs_vanilla timed on vanilla_b/vanilla", BENCHMARK,
+    # ------------------------------------------------------------------ the benchmark stage (stages/lib/latency*.py)
+    _m("bench-pair", "stages/lib/latency.py", "issue 18 bug 2: merged_vs_vanilla timed on vanilla_b/vanilla", BENCHMARK,
        ('("merged_vs_vanilla", "merged", "vanilla")', '("merged_vs_vanilla", "vanilla_b", "vanilla")')),
-    _m("bench-verdict-aa", "stages/benchmark.py", "verdict taken from the A/A control", BENCHMARK,
+    _m("bench-verdict-aa", "stages/lib/latency_verdict.py", "verdict taken from the A/A control", BENCHMARK,
        ('answer, reason = timing.decide(mv, band, control=aa, name="merged/vanilla")',
         'answer, reason = timing.decide(aa, band, control=aa, name="merged/vanilla")')),
-    _m("bench-batch", "stages/benchmark.py", "verdict at the smallest batch", BENCHMARK,
+    _m("bench-batch", "stages/lib/latency_verdict.py", "verdict at the smallest batch", BENCHMARK,
        ('key=lambda c: c["batch"])', 'key=lambda c: -c["batch"])')),
-    _m("bench-clock", "stages/benchmark.py", "verdict always by wall clock", BENCHMARK,
+    _m("bench-clock", "stages/lib/latency_verdict.py", "verdict always by wall clock", BENCHMARK,
        ('used = "cpu" if clock == "cpu" and vcell.get("cpu_comparisons") else "wall"', 'used = "wall"')),
-    _m("bench-plot-p90", "stages/benchmark.py", "latency.png bars show p90, not the median", BENCHMARK + FIGURES,
+    _m("bench-plot-p90", "stages/lib/latency_report.py", "latency.png bars show p90, not the median", BENCHMARK + FIGURES,
        ('s["median_ms"], width', 's["p90_ms"], width')),
     # ------------------------------------------------------------------ pipeline/report.py and its figures
     _m("report-helped", "pipeline/stats.py", "issue 18 bug 3: norm_helped inverted", SEEDS + REPORT,
@@ -177,7 +177,7 @@ MUTATIONS: list[Mutation] = [
     _m("forest-series", "pipeline/report_html.py", "forest plot draws the A/A interval as merged", FIGURES,
        ('(("merged_vs_vanilla", "merged", "#059669"), ("aa", "A/A control", "#64748b")',
         '(("aa", "merged", "#059669"), ("merged_vs_vanilla", "A/A control", "#64748b")')),
-    # ------------------------------------------------------------------ stages/bundle.py
-    _m("bundle-engine-check", "stages/bundle.py", "verify_bundle never checks engines against the machine",
-       ("tests/stages/test_bundle.py",), ("            trt.check_compatibility(side, info)\n", "            pass\n")),
+    # ------------------------------------------------------------------ bundle verification (stages/lib/bundle_check.py)
+    _m("bundle-engine-check", "stages/lib/bundle_check.py", "verify_bundle never checks engines against the machine",
+       ("tests/stages/test_bundle.py",), ("            trt_rules.check_compatibility(side, info)\n", "            pass\n")),
 ]

@@ -4,32 +4,29 @@
 with their sidecars when the engine stage ran, run_onnx.py / run_trt.py (no PyTorch needed), README.md,
 manifest.json (hashes, preprocessing, classes, accuracies, latency, versions) and SHA256SUMS
 (``sha256sum -c SHA256SUMS``). ``bundle.tar.gz`` is the same folder as one file. ``verify_bundle``
-checks either form.
+(stages.lib.bundle_check) checks either form.
 """
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tarfile
-import tempfile
-import zlib
 from datetime import datetime, timezone
 from importlib import resources
 from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from stages.lib.context import StageContext
 from stages.lib.errors import PipelineError
-from stages.lib.edge import engine_gate, golden_spec, precision_rows, precisions_table, quantize_report, selftest_bundle
+from stages.lib.bundle_check import UNLISTED, integrity_errors, verify_bundle
+from stages.lib.edge import engine_gate, golden_spec, precision_rows, precisions_table, quantize_report
 from stages.lib.io import atomic_write_text, sha256_file
+from stages.lib.tarball import make_tarball
 
 FORMAT = "norm-pipeline/bundle/1"
 RUNNERS = ("run_onnx.py", "run_trt.py", "edgekit.py")
-UNLISTED = ("manifest.json", "SHA256SUMS")  # describe the others; SHA256SUMS covers manifest.json too
 
 
 def bundle_file(name: str) -> str:
@@ -71,7 +68,7 @@ def copy_engines(ctx: StageContext, bundle: Path) -> list[dict]:
     """Plans and sidecars from the engine stage, when it ran and bundle.include_engines is set."""
     if not ctx.cfg.bundle.include_engines or "engine" not in ctx.inputs:
         return []
-    from stages.lib.trt import load_sidecar
+    from stages.lib.trt_rules import load_sidecar
 
     engines = []
     for plan in sorted(Path(ctx.inputs["engine"]).glob("*.plan")):
@@ -119,25 +116,9 @@ def first_images(meta: dict, n: int) -> np.ndarray:
     raise PipelineError("the validation set is empty (check data.val_limit)")
 
 
-def trtexec_commands(e: Any, inp: dict, int8: bool = False) -> dict[str, str | None]:
-    """The trtexec lines that rebuild the engines on the device, from the same BuildSettings the engine stage
-    builds with (stages.lib.trt_rules), so both agree on profile, workspace, level, TF32 and compatibility."""
-    from stages.lib.trt_rules import build_settings, trtexec_command
-
-    def settings(precision: str):
-        return build_settings(precision=precision, input_name=inp["name"], input_shape=inp["shape"], min_batch=e.min_batch,
-                              opt_batch=e.opt_batch, max_batch=e.max_batch, workspace_mb=e.workspace_mb,
-                              optimization_level=e.optimization_level, hardware_compatibility=e.hardware_compatibility)
-
-    return {"fp32": trtexec_command(settings("fp32"), "model.onnx", "device_fp32.plan"),
-            "fp16_trt10": trtexec_command(settings("fp16"), "model.onnx", "device_fp16.plan", fp16_mode="builder_flag"),
-            "fp16_trt11": trtexec_command(settings("fp16"), "model_fp16.onnx", "device_fp16.plan", fp16_mode="fp16_onnx"),
-            # explicit quantization: the Q/DQ ONNX carries the precision, the network is strongly typed
-            "int8": trtexec_command(settings("int8"), "model_int8.onnx", "device_int8.plan") if int8 else None}
-
-
 def build_manifest(ctx: StageContext, meta: dict, props: dict, inp: dict, out: dict, engines: list, fp16: dict | None) -> dict:
-    from stages.lib.trt import profile_shapes, tensorrt_version
+    from stages.lib.trt_env import tensorrt_version
+    from stages.lib.trt_rules import profile_shapes, trtexec_commands
 
     e = ctx.cfg.engine
     shapes = profile_shapes(inp["shape"], e.min_batch, e.opt_batch, e.max_batch)
@@ -243,7 +224,7 @@ def render_readme(manifest: dict, names: list[str]) -> str:
 
 def run(ctx: StageContext) -> dict:
     from stages.lib.onnx_utils import read_metadata
-    from stages.lib.trt import onnx_io
+    from stages.lib.trt_build import onnx_io
 
     src = Path(ctx.input("export")) / "model.onnx"
     if not src.is_file():
@@ -274,7 +255,7 @@ def run(ctx: StageContext) -> dict:
     atomic_write_text(bundle / "manifest.json", json.dumps(manifest, indent=2))
     sums = {**{n: e["sha256"] for n, e in manifest["files"].items()}, "manifest.json": sha256_file(bundle / "manifest.json")}
     atomic_write_text(bundle / "SHA256SUMS", "".join(f"{h}  {n}\n" for n, h in sorted(sums.items())))
-    errors = [p for p in verify_bundle(bundle) if not p.startswith("warning:")]
+    errors = integrity_errors(verify_bundle(bundle))
     if errors:
         raise PipelineError(f"the bundle failed its own check: {errors[0]}")
     metrics = {"files": len(sums) + 1, "bundle_bytes": sum(p.stat().st_size for p in bundle.rglob("*") if p.is_file()),
@@ -286,150 +267,3 @@ def run(ctx: StageContext) -> dict:
         metrics.update(tar_sha256=sha256_file(tar_path), tar_bytes=tar_path.stat().st_size)
     ctx.log(f"bundle: {metrics['files']} files, {metrics['bundle_bytes'] / 1e6:.2f} MB, {len(engines)} engine(s)")
     return metrics
-
-
-# ----------------------------------------------------------------------------- tarball and verification
-def make_tarball(folder: Path, dest: Path) -> Path:
-    """``folder`` as ``<folder name>/...`` in a .tar.gz: relative names, plain files, no owners; atomic rename."""
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-    try:
-        with tarfile.open(tmp, "w:gz") as tar:
-            for path in [folder, *sorted(folder.rglob("*"))]:
-                if path.is_symlink() or not (path.is_file() or path.is_dir()):
-                    raise PipelineError(f"{path} is not a plain file or folder; bundles hold plain files only")
-                arc = folder.name if path == folder else f"{folder.name}/{path.relative_to(folder).as_posix()}"
-                info = tar.gettarinfo(str(path), arcname=arc)
-                info.uid = info.gid = 0
-                info.uname = info.gname = ""
-                info.mode = 0o755 if path.is_dir() or path.suffix == ".py" else 0o644
-                if path.is_file():
-                    with open(path, "rb") as f:
-                        tar.addfile(info, f)
-                else:
-                    tar.addfile(info)
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return dest
-
-
-def _safe_extract(archive: Path, dest: Path) -> list[str]:
-    """Extract plain files and folders only; any absolute path, '..', link or device refuses the archive."""
-    try:
-        with tarfile.open(archive, "r:*") as tar:
-            return _extract_members(tar, dest)
-    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:  # truncated or not an archive at all
-        reason = " ".join(str(e).split())[:200] or type(e).__name__
-        if isinstance(e, tarfile.ReadError) and "could not be opened" in reason:
-            reason = "not a tar or .tar.gz file"
-        return [f"{archive} is not a readable tar archive ({reason})"]
-
-
-def _extract_members(tar: tarfile.TarFile, dest: Path) -> list[str]:
-    """Check every member first (plain files/folders, safe relative paths), then write them under ``dest``."""
-    members, bad = tar.getmembers(), []
-    for m in members:
-        p = PurePosixPath(m.name)
-        if not p.parts or p.is_absolute() or m.name.startswith(("/", "\\")) or ".." in p.parts or ":" in p.parts[0]:
-            bad.append(f"unsafe path in archive: {m.name}")
-        elif not (m.isfile() or m.isdir()):
-            bad.append(f"archive member {m.name} is a link or special file; bundles hold plain files only")
-    if bad:
-        return bad
-    root = dest.resolve()
-    for m in members:
-        target = (dest / m.name).resolve()
-        if root not in target.parents and target != root:
-            return [f"unsafe path in archive: {m.name}"]
-        if m.isdir():
-            target.mkdir(parents=True, exist_ok=True)
-            continue
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tar.extractfile(m) as src, open(target, "wb") as out:
-            shutil.copyfileobj(src, out)
-    return []
-
-
-def verify_bundle(path: Path | str, selftest: bool = False) -> list[str]:
-    """Problems with a bundle folder or its .tar.gz; ``[]`` means intact.
-
-    Entries starting with ``warning:`` are not integrity failures: an engine that will not load on this
-    machine (other TensorRT/GPU), or that cannot be checked because TensorRT is absent here. With
-    ``selftest``, an intact bundle's own ``run_onnx.py --selftest`` also runs for every shipped ONNX precision.
-    """
-    path = Path(path)
-    if path.is_file():
-        with tempfile.TemporaryDirectory(prefix="norm-bundle-") as tmp:
-            problems = _safe_extract(path, Path(tmp))
-            if problems:
-                return problems
-            tops = list(Path(tmp).iterdir())
-            return _verify_folder(tops[0] if len(tops) == 1 and tops[0].is_dir() else Path(tmp), selftest)
-    if not path.is_dir():
-        return [f"{path} does not exist"]
-    return _verify_folder(path, selftest)
-
-
-def _verify_folder(root: Path, selftest: bool = False) -> list[str]:
-    mpath = root / "manifest.json"
-    if not mpath.is_file():
-        return [f"manifest.json missing in {root}"]
-    try:
-        manifest = json.loads(mpath.read_text())
-    except (ValueError, OSError) as e:
-        return [f"manifest.json is not readable JSON ({e})"]
-    files = manifest.get("files") if isinstance(manifest, dict) else None
-    if not isinstance(files, dict) or not files:
-        return ["manifest.json lists no files"]
-    problems = []
-    for name, entry in sorted(files.items()):
-        p, f = PurePosixPath(name), root / name
-        if p.is_absolute() or ".." in p.parts:
-            problems.append(f"manifest lists an unsafe path: {name}")
-        elif not f.is_file():
-            problems.append(f"missing file: {name}")
-        elif f.stat().st_size != entry.get("bytes"):
-            problems.append(f"size mismatch: {name} is {f.stat().st_size} bytes, the manifest says {entry.get('bytes')}")
-        elif sha256_file(f) != entry.get("sha256"):
-            problems.append(f"sha256 mismatch: {name} was modified or is corrupt")
-    for p in sorted(root.rglob("*")):
-        rel = p.relative_to(root).as_posix()
-        if p.is_symlink():
-            problems.append(f"symbolic link in bundle: {rel}")
-        elif p.is_file() and rel not in files and rel not in UNLISTED:
-            problems.append(f"unlisted file: {rel}")
-    sums = root / "SHA256SUMS"
-    if sums.is_file():
-        listed = dict(reversed(line.split(None, 1)) for line in sums.read_text().splitlines() if line.strip())
-        if listed.get("manifest.json") != sha256_file(mpath):
-            problems.append("manifest.json does not match SHA256SUMS (edited after bundling?)")
-    problems += _engine_checks(root, manifest)
-    if selftest and not [p for p in problems if not p.startswith("warning:")]:
-        problems += selftest_bundle(root, manifest)
-    return problems
-
-
-def _engine_checks(root: Path, manifest: dict) -> list[str]:
-    """Warnings about engines this machine cannot load or check; a missing sidecar is a real problem."""
-    engines = manifest.get("engines") or []
-    if not engines:
-        return []
-    from stages.lib import trt
-
-    info, out = trt.runtime_info(), []
-    for e in engines:
-        try:
-            side = trt.load_sidecar(root / e.get("sidecar", ""))
-        except PipelineError as err:
-            out.append(str(err))
-            continue
-        if not info["tensorrt_version"]:
-            out.append(f"warning: TensorRT is not installed here, so {side.get('plan')} (TensorRT "
-                       f"{side.get('tensorrt_version')}, {side.get('gpu_name')}, compute capability "
-                       f"{side.get('compute_capability')}) was not checked against this machine")
-            continue
-        try:
-            trt.check_compatibility(side, info)
-        except PipelineError as err:
-            out.append(f"warning: {err}")
-    return out

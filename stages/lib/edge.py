@@ -83,30 +83,3 @@ def golden_spec(ctx: StageContext, meta: dict, bundle: Path) -> dict:
             raise
         return {"golden": None, "reason": str(err), "tolerances": tols}
     return {**spec, "tolerances": tols, "command": "python run_onnx.py --selftest [--precision fp16|int8]"}
-
-
-def selftest_bundle(root: Path, manifest: dict) -> list[str]:
-    """The bundle's own ``run_onnx.py --selftest`` per shipped ONNX precision, in a fresh Python process."""
-    import importlib.util
-    import subprocess
-    import sys
-
-    if not (manifest.get("selftest") or {}).get("golden"):
-        return ["warning: this bundle has no golden self-test (made by an older norm-pipeline, or an image-folder dataset)"]
-    if importlib.util.find_spec("onnxruntime") is None:
-        return ["warning: onnxruntime is not installed here, so the ONNX self-test did not run"]
-    out = []
-    for row in manifest.get("precisions") or [{"precision": "fp32", "file": "model.onnx"}]:
-        if not row.get("file") or not str(row["file"]).endswith(".onnx"):
-            continue
-        cmd = [sys.executable, str(root / "run_onnx.py"), "--selftest", "--precision", row["precision"],
-               "--manifest", str(root / "manifest.json")]
-        try:
-            res = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=root)
-        except subprocess.TimeoutExpired:
-            out.append(f"self-test ({row['precision']}) did not finish within 15 minutes")
-            continue
-        if res.returncode != 0:
-            last = (res.stderr.strip().splitlines() or ["(no output)"])[-1].removeprefix("error: ")
-            out.append(f"self-test ({row['precision']}): {last}")
-    return out

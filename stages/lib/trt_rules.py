@@ -184,6 +184,21 @@ def trtexec_command(settings: BuildSettings, onnx: str, plan: str, *, fp16_mode:
     return " \\\n    ".join(["trtexec", *trtexec_args(settings, onnx, plan, fp16_mode=fp16_mode)])
 
 
+def trtexec_commands(e: Any, inp: dict, int8: bool = False) -> dict[str, str | None]:
+    """The trtexec lines that rebuild the engines on the device, from the same BuildSettings the engine stage
+    builds with, so both agree on profile, workspace, level, TF32 and compatibility."""
+    def settings(precision: str):
+        return build_settings(precision=precision, input_name=inp["name"], input_shape=inp["shape"], min_batch=e.min_batch,
+                              opt_batch=e.opt_batch, max_batch=e.max_batch, workspace_mb=e.workspace_mb,
+                              optimization_level=e.optimization_level, hardware_compatibility=e.hardware_compatibility)
+
+    return {"fp32": trtexec_command(settings("fp32"), "model.onnx", "device_fp32.plan"),
+            "fp16_trt10": trtexec_command(settings("fp16"), "model.onnx", "device_fp16.plan", fp16_mode="builder_flag"),
+            "fp16_trt11": trtexec_command(settings("fp16"), "model_fp16.onnx", "device_fp16.plan", fp16_mode="fp16_onnx"),
+            # explicit quantization: the Q/DQ ONNX carries the precision, the network is strongly typed
+            "int8": trtexec_command(settings("int8"), "model_int8.onnx", "device_int8.plan") if int8 else None}
+
+
 # ----------------------------------------------------------------------------- sidecars
 def make_sidecar(*, plan_path: Path, onnx_path: Path, precision: str, fp16_mode: Optional[str], tensorrt_version: str,
                  gpu: dict, profile: dict, hardware_compatibility: str, inputs: list[dict], outputs: list[dict],

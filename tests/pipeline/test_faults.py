@@ -380,7 +380,7 @@ def _bundle(run_copy) -> Path:
 
 @pytest.mark.parametrize("case", ["folder-file-edited", "tarball-member-edited", "tarball-truncated"])
 def test_tampered_bundle(run_copy, tmp_path, case):
-    from stages.bundle import make_tarball
+    from stages.lib.tarball import make_tarball
 
     folder = _bundle(run_copy)
     target = folder
@@ -400,12 +400,12 @@ def test_tampered_bundle(run_copy, tmp_path, case):
 
 def _add_engine(bundle: Path) -> None:
     """A (fake) TensorRT 10.3 engine for compute capability 8.7, listed and hashed like the bundle stage does."""
-    from stages.lib import trt
+    from stages.lib import trt_rules
     from stages.lib.io import sha256_file
 
     plan = bundle / "model_fp32.plan"
     plan.write_bytes(b"not really a plan")
-    side = trt.make_sidecar(plan_path=plan, onnx_path=bundle / "model.onnx", precision="fp32", fp16_mode=None,
+    side = trt_rules.make_sidecar(plan_path=plan, onnx_path=bundle / "model.onnx", precision="fp32", fp16_mode=None,
                             tensorrt_version="10.3.0.26", gpu={"name": "Jetson AGX Orin", "compute_capability": "8.7"},
                             profile={"input": "input", "min": [1, 1, 28, 28], "opt": [8, 1, 28, 28], "max": [64, 1, 28, 28]},
                             hardware_compatibility="none", inputs=[], outputs=[], build_seconds=1.0,

@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stages.bundle import make_tarball, verify_bundle
-from stages.lib import trt
+from stages.lib.bundle_check import Problem, error, verify_bundle, warning
+from stages.lib.tarball import make_tarball
+from stages.lib import errors, trt_env, trt_rules
 from tests.stages.test_engine import fake_build, make_export_dir
 
 NO_TORCH = ("import runpy, sys; sys.modules['torch'] = None; script = sys.argv[1]; sys.argv = sys.argv[1:]; "
@@ -132,14 +133,14 @@ def test_bundle_with_engines_and_latency(with_engines):
     ({"tensorrt_version": "10.3.0.26", "gpu_name": None, "compute_capability": None}, ["no CUDA device is visible"]),
 ])
 def test_verify_bundle_engine_warnings_per_machine(with_engines, monkeypatch, here, needles):
-    monkeypatch.setattr(trt, "runtime_info", lambda: dict(here))
+    monkeypatch.setattr(trt_env, "runtime_info", lambda: dict(here))
     problems = verify_bundle(with_engines[0] / "bundle")
     if needles is None:
         assert problems == []
         return
-    assert len(problems) == 2 and all(p.startswith("warning:") for p in problems), problems
-    for plan, p in zip(("model_fp16.plan", "model_fp32.plan"), sorted(problems)):
-        assert plan in p and all(n in p for n in needles), p
+    assert len(problems) == 2 and all(p.severity == "warning" for p in problems), problems
+    for plan, p in zip(("model_fp16.plan", "model_fp32.plan"), sorted(str(p) for p in problems)):
+        assert p.startswith("warning: ") and plan in p and all(n in p for n in needles), p
 
 
 def test_verify_reports_tampering(plain, tmp_path):
@@ -152,19 +153,27 @@ def test_verify_reports_tampering(plain, tmp_path):
     (bundle / "extra.txt").write_text("not in the manifest")
     (bundle / "run_trt.py").unlink()
     problems = verify_bundle(bundle)
-    assert "sha256 mismatch: model.onnx was modified or is corrupt" in problems
-    assert any(p.startswith("size mismatch: README.md") for p in problems)
-    assert "unlisted file: extra.txt" in problems and "missing file: run_trt.py" in problems and len(problems) == 4
+    assert error("sha256 mismatch: model.onnx was modified or is corrupt") in problems
+    assert any(p.severity == "error" and p.message.startswith("size mismatch: README.md") for p in problems)
+    assert error("unlisted file: extra.txt") in problems and error("missing file: run_trt.py") in problems
+    assert len(problems) == 4
     tar = make_tarball(bundle, tmp_path / "tampered.tar.gz")
-    assert sorted(verify_bundle(tar)) == sorted(problems)
+    assert sorted(map(str, verify_bundle(tar))) == sorted(map(str, problems))
     m = json.loads((bundle / "manifest.json").read_text())
     m["classes"][0] = "renamed"
     (bundle / "manifest.json").write_text(json.dumps(m))
-    assert "manifest.json does not match SHA256SUMS (edited after bundling?)" in verify_bundle(bundle)
+    assert error("manifest.json does not match SHA256SUMS (edited after bundling?)") in verify_bundle(bundle)
     (bundle / "manifest.json").write_text("{not json")
-    assert verify_bundle(bundle)[0].startswith("manifest.json is not readable JSON")
+    assert verify_bundle(bundle)[0].message.startswith("manifest.json is not readable JSON")
     (bundle / "manifest.json").unlink()
-    assert verify_bundle(bundle) == [f"manifest.json missing in {bundle}"]
+    assert verify_bundle(bundle) == [error(f"manifest.json missing in {bundle}")]
+
+
+def test_problem_severity_and_the_line_users_see():
+    assert str(error("missing file: x")) == "missing file: x"
+    assert str(warning("TensorRT is not installed here")) == "warning: TensorRT is not installed here"
+    with pytest.raises(ValueError, match="severity"):
+        Problem("fatal", "x")
 
 
 def _tar_with(path: Path, member: tarfile.TarInfo, data: bytes = b"x") -> Path:
@@ -182,10 +191,11 @@ def test_verify_refuses_unsafe_archives(tmp_path, name, kind):
     if kind == tarfile.SYMTYPE:
         info.linkname = "/etc/passwd"
     problems = verify_bundle(_tar_with(tmp_path / "bad.tar.gz", info))
-    assert len(problems) == 1 and ("unsafe path" in problems[0] or "link or special file" in problems[0])
+    assert len(problems) == 1 and problems[0].severity == "error"
+    assert "unsafe path" in problems[0].message or "link or special file" in problems[0].message
     assert not (tmp_path.parent / "evil.txt").exists() and not Path("/tmp/evil.txt").exists()
     (tmp_path / "junk.tar.gz").write_bytes(b"not a tarball")
-    assert "not a readable tar archive" in verify_bundle(tmp_path / "junk.tar.gz")[0]
+    assert "not a readable tar archive" in verify_bundle(tmp_path / "junk.tar.gz")[0].message
 
 
 # ----------------------------------------------------------------------------- the runners
@@ -253,7 +263,7 @@ def _load_run_trt(bundle: Path):
 def test_run_trt_rules_match_the_pipeline(with_engines):
     bundle = with_engines[0] / "bundle"
     run_trt = _load_run_trt(bundle)
-    side = trt.load_sidecar(bundle / "model_fp32.json")
+    side = trt_rules.load_sidecar(bundle / "model_fp32.json")
     cases = [(side, "10.3.0.26", ("Orin", "8.7")), (side, "10.3.1", ("Fake GPU", "8.7")), (side, "10.4.0", ("x", "8.7")),
              (side, "11.1.0", ("x", "8.7")), (side, "10.3.0", ("RTX", "8.6")), (side, None, ("x", "8.7")), (side, "10.3.0", None),
              ({**side, "hardware_compatibility": "ampere_plus"}, "10.3.0", ("RTX", "8.6")),
@@ -263,14 +273,14 @@ def test_run_trt_rules_match_the_pipeline(with_engines):
     for s, version, gpu in cases:
         info = {"tensorrt_version": version, "gpu_name": gpu[0] if gpu else None, "compute_capability": gpu[1] if gpu else None}
         try:
-            trt.check_compatibility(s, info)
+            trt_rules.check_compatibility(s, info)
             pipeline_ok = True
-        except trt.PipelineError:
+        except errors.PipelineError:
             pipeline_ok = False
         assert (run_trt.compatibility_problem(s, version, gpu) is None) == pipeline_ok, (version, gpu, s["hardware_compatibility"])
 
 
-@pytest.mark.skipif(trt.tensorrt_version() is not None, reason="TensorRT is installed here")
+@pytest.mark.skipif(trt_env.tensorrt_version() is not None, reason="TensorRT is installed here")
 def test_run_trt_refuses_clearly_without_tensorrt(with_engines, tmp_path):
     bundle = with_engines[0] / "bundle"
     from PIL import Image

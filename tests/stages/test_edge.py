@@ -143,7 +143,7 @@ def test_bundle_verify_runs_the_onnx_selftest(kit_bundle, tmp_path):
     from click.testing import CliRunner
 
     from pipeline.cli import main
-    from stages.bundle import verify_bundle
+    from stages.lib.bundle_check import verify_bundle
     from stages.lib.io import sha256_file
 
     bundle = kit_bundle[0] / "bundle"
@@ -158,8 +158,9 @@ def test_bundle_verify_runs_the_onnx_selftest(kit_bundle, tmp_path):
     (copy / "SHA256SUMS").write_text("\n".join(sums + [f"{sha256_file(copy / 'manifest.json')}  manifest.json"]) + "\n")
     assert verify_bundle(copy) == []  # hashes alone cannot see it
     problems = verify_bundle(copy, selftest=True)
-    assert all(p.startswith("self-test (") and "self-test failed" in p for p in problems)
-    assert {p.split(")")[0].removeprefix("self-test (") for p in problems} >= {"fp32", "fp16"}  # int8: decisions only
+    assert all(p.severity == "error" and p.message.startswith("self-test (") and "self-test failed" in p.message
+               for p in problems)
+    assert {p.message.split(")")[0].removeprefix("self-test (") for p in problems} >= {"fp32", "fp16"}  # int8: decisions only
     res = CliRunner().invoke(main, ["bundle", "verify", str(copy)])
     assert res.exit_code == 1 and "failed verification" in res.output
 
