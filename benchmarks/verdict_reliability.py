@@ -67,7 +67,9 @@ def load(run_dir: Path, overrides: list[str], run_benchmark_config: bool = False
 
 def run_once(cfg, inputs: dict, records: dict, run_dir: Path, work: Path) -> dict:
     """One benchmark stage run into ``work``; the figures this script reports."""
-    from stages import benchmark
+    from pipeline.graph import stage_module
+
+    benchmark = stage_module("benchmark")
     from stages.lib.context import StageContext
     from stages.lib.training import resolve_device
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Callable
 
 
@@ -103,3 +104,10 @@ def downstream(name: str) -> list[str]:
         if set(s.inputs + s.optional_inputs) & out:
             out.add(s.name)
     return [n for n in ORDER if n in out and n != name]
+
+
+def stage_module(name: str) -> ModuleType:
+    """Stage ``name``'s module, imported by its path in the graph. Only the runner machinery reaches stage modules
+    (``StageSpec.load``, and tests of a stage's ``run()`` through this function); code shared with anything else
+    lives in ``stages/lib`` (enforced by tests/test_layering.py)."""
+    return importlib.import_module(get(name).module)

@@ -30,9 +30,9 @@ from stages.lib import timing
 from stages.lib.context import StageContext
 from stages.lib.errors import PipelineError
 from stages.lib.io import atomic_write_text
-from stages.lib.latency import VERDICT_BACKEND, ort_backend, tensorrt_backend, time_cells, torch_backend
+from stages.lib.latency import ort_backend, tensorrt_backend, time_cells, torch_backend
 from stages.lib.latency_report import latency_table, plot_latency
-from stages.lib.latency_verdict import RULE, VERDICT_KEYS, flat_metrics, pct, pick_verdict_cell
+from stages.lib.latency_verdict import RULE, VERDICT_BACKEND, VERDICT_KEYS, flat_metrics, pct, pick_verdict_cell
 
 ONNX_FILES = {"vanilla": "vanilla.onnx", "vanilla_b": "vanilla.onnx", "merged": "model.onnx",
               "unmerged": "unmerged.onnx", "teacher": "teacher.onnx"}  # keys: stages.lib.latency.MODELS

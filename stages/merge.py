@@ -17,11 +17,7 @@ from stages.lib.context import StageContext
 from stages.lib.errors import PipelineError
 from stages.lib.flops import count_params
 from stages.lib.io import sha256_file
-
-
-def state_signature(model: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
-    """state_dict keys with their shapes, in order: equal signatures load into each other strictly."""
-    return [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
+from stages.lib.verify_checks import state_signature
 
 
 def module_name(root: nn.Module, target: nn.Module) -> str:

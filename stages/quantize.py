@@ -29,6 +29,7 @@ from stages.lib import timing
 from stages.lib.context import StageContext
 from stages.lib.errors import PipelineError
 from stages.lib.io import atomic_write_bytes
+from stages.lib.latency_verdict import speed_verdict
 
 # (label, candidate, reference): ratio = median(candidate) / median(reference)
 PAIRS = (("int8_vs_fp32", "int8", "fp32"), ("aa", "fp32_b", "fp32"))
@@ -135,18 +136,6 @@ def paired_ratio(block_fns: dict[str, timing.BlockFn], *, batch: int, c: Any, se
     """The benchmark's paired estimator (stages.lib.timing), the only call into it from this stage."""
     return timing.measure(block_fns, batch_size=batch, pairs=PAIRS, warmup=c.warmup, blocks=c.blocks,
                           block_runs=c.block_runs, n_boot=c.bootstrap, seed=seed)
-
-
-def speed_verdict(cmp: dict, aa: dict) -> tuple[str, str]:
-    """faster / slower / inconclusive from the int8/fp32 time-ratio CI and the A/A control."""
-    if not aa["lo"] <= 1.0 <= aa["hi"]:
-        return "inconclusive", (f"the A/A control's CI [{aa['lo']:.3f}, {aa['hi']:.3f}] excludes 1: the machine was too "
-                                "noisy or drifting; rerun when it is idle or raise quantize.blocks")
-    if cmp["hi"] < 1.0:
-        return "faster", "the whole 95% CI of int8/fp32 time is below 1"
-    if cmp["lo"] > 1.0:
-        return "slower", "the whole 95% CI of int8/fp32 time is above 1"
-    return "inconclusive", f"the 95% CI of int8/fp32 time [{cmp['lo']:.3f}, {cmp['hi']:.3f}] contains 1"
 
 
 def _sessions(paths: dict[str, Path], threads: int) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from stages.lib.context import StageContext
 from stages.lib.datasets import val_batches
 from stages.lib.errors import PipelineError
 from stages.lib.flops import count_flops, count_params
-from stages.merge import state_signature
+from stages.lib.verify_checks import failures, state_signature
 
 
 @contextlib.contextmanager
@@ -101,29 +101,6 @@ def structure(merged: nn.Module, unmerged: nn.Module, fresh: nn.Module, input_sh
     out["params_equal"] = out["params"] == out["vanilla_params"]
     out["flops_equal"] = out["flops"] == out["vanilla_flops"]
     return out
-
-
-def failures(report: dict, *, fp32_rel_tol: float, fp64_rel_tol: float, min_top1_agreement: float) -> list[str]:
-    """One line per failed check: the figure, its value and the tolerance it broke."""
-    fails = []
-    for figure, value, tol, key in (
-        ("fp32_max_rel_diff", report["fp32"]["max_rel_diff"], fp32_rel_tol, "verify.fp32_rel_tol"),
-        ("fp64_max_rel_diff", report["fp64"]["max_rel_diff"], fp64_rel_tol, "verify.fp64_rel_tol"),
-        ("fp64_stored_max_rel_diff", report["fp64_stored"]["max_rel_diff"], fp32_rel_tol, "verify.fp32_rel_tol"),
-    ):
-        if not value <= tol:  # also catches NaN
-            fails.append(f"{figure}={value:.3e} exceeds {key}={tol:.1e}")
-    agreement = report["fp32"]["top1_agreement"]
-    if not agreement >= min_top1_agreement:
-        fails.append(f"top1_agreement={agreement:.5f} is below verify.min_top1_agreement={min_top1_agreement}")
-    s = report["structure"]
-    if not s["params_equal"]:
-        fails.append(f"params={s['params']} differs from the vanilla student's {s['vanilla_params']}")
-    if not s["flops_equal"]:
-        fails.append(f"flops={s['flops']} differs from the vanilla student's {s['vanilla_flops']}")
-    if not s["state_dict_equal"]:
-        fails.append("state_dict keys/shapes differ from the vanilla student's")
-    return fails
 
 
 def run(ctx: StageContext) -> dict:

@@ -62,7 +62,7 @@ def upstream(tmp_path_factory, tiny_data_root):
     from models.norm import NormStudent
     from models.registry import create_model
     from pipeline.config import load_config
-    from stages.data import describe
+    from stages.lib.dataset_describe import describe
     from stages.lib.checkpoints import save_model, save_norm_student
 
     base = tmp_path_factory.mktemp("run")

@@ -1,6 +1,7 @@
-"""The bundle stage's edge hand-off parts: golden self-test spec, precision rows and gates, self-test on verify.
+"""The bundle stage's edge hand-off parts: golden self-test spec, precision rows and gates.
 
-Kept apart from ``stages/bundle.py`` (files, manifest, tarball, verification), which calls these.
+Kept apart from ``stages/bundle.py`` (files, manifest), which calls these; verifying a bundle (its self-test included)
+is ``stages/lib/bundle_check.py``.
 """
 from __future__ import annotations
 

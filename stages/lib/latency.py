@@ -17,13 +17,13 @@ import torch
 
 from stages.lib import conditions, timing
 from stages.lib.errors import PipelineError
+from stages.lib.latency_verdict import VERDICT_BACKEND
 
 MODELS = ("vanilla", "vanilla_b", "merged", "unmerged", "teacher")  # the stage's models, in display order
 # (metric prefix, candidate, reference): ratio = median(candidate) / median(reference)
 COMPARISONS = (("merged_vs_vanilla", "merged", "vanilla"), ("aa", "vanilla_b", "vanilla"),
                ("unmerged_vs_vanilla", "unmerged", "vanilla"), ("teacher_vs_vanilla", "teacher", "vanilla"),
                ("fp16_vs_fp32", "merged_fp16", "merged_fp32"))
-VERDICT_BACKEND = "onnxruntime_cpu"
 GPU_BACKENDS = ("torch_cuda", "onnxruntime_cuda", "onnxruntime_trt", "tensorrt")
 
 

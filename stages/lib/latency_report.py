@@ -6,6 +6,7 @@ from pathlib import Path
 from stages.lib.latency import MODELS
 from stages.lib.latency_verdict import pct
 
+
 def _ci(comp: dict) -> str:
     return f"{comp['ratio']:.3f} [{comp['lo']:.3f}, {comp['hi']:.3f}]"
 

@@ -1,4 +1,5 @@
-"""The benchmark's verdict: is the merged student's inference cost that of the vanilla student?
+"""Verdicts from timing intervals: is the merged student's inference cost that of the vanilla student (the
+benchmark stage), is int8 faster than fp32 (the quantize stage's ``speed_verdict``)?
 
 From the verdict cell's paired comparisons (stages.lib.latency): yes / no / inconclusive with a reason
 (stages.lib.timing.decide), the unmerged student as negative control and the power sentence, flattened
@@ -9,8 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from stages.lib import timing
-from stages.lib.latency import VERDICT_BACKEND
 
+VERDICT_BACKEND = "onnxruntime_cpu"  # the verdict cell's backend: single-threaded onnxruntime on the CPU
 VERDICT_KEYS = ("verdict", "verdict_reason", "verdict_power", "unmerged_verdict", "unmerged_reason", "verdict_backend",
                 "verdict_batch", "verdict_clock", "verdict_rounds", "verdict_seconds", "verdict_stopped", "band",
                 "aa_within_band", "conditions_changed")
@@ -95,3 +96,15 @@ def flat_metrics(cells: list[dict], vcell: dict | None, band: float, clock: str,
         for name, s in c.get("models", {}).items():
             m[f"{c['backend']}_b{c['batch']}_{name}_median_ms"] = s["median_ms"]
     return m
+
+
+def speed_verdict(cmp: dict, aa: dict) -> tuple[str, str]:
+    """faster / slower / inconclusive from the int8/fp32 time-ratio CI and the A/A control."""
+    if not aa["lo"] <= 1.0 <= aa["hi"]:
+        return "inconclusive", (f"the A/A control's CI [{aa['lo']:.3f}, {aa['hi']:.3f}] excludes 1: the machine was too "
+                                "noisy or drifting; rerun when it is idle or raise quantize.blocks")
+    if cmp["hi"] < 1.0:
+        return "faster", "the whole 95% CI of int8/fp32 time is below 1"
+    if cmp["lo"] > 1.0:
+        return "slower", "the whole 95% CI of int8/fp32 time is above 1"
+    return "inconclusive", f"the 95% CI of int8/fp32 time [{cmp['lo']:.3f}, {cmp['hi']:.3f}] contains 1"

@@ -4,7 +4,7 @@
 like the real one, and a copy outside an allocation fails instead of corrupting memory);
 ``install(monkeypatch)`` puts it, and a pycuda that imports but cannot start CUDA (or no pycuda at all),
 into ``sys.modules``. ``fake_tensorrt`` engines read and write the same memory, so the real data path of
-``stages.lib.trt.TrtRunner`` and of the bundle's ``run_trt.py`` runs on CPU::
+``stages.lib.trt_runtime.TrtRunner`` and of the bundle's ``run_trt.py`` runs on CPU::
 
     from tests.fakes import fake_cuda
     fake_cuda.install(monkeypatch, pycuda="broken")   # or "absent"

@@ -147,7 +147,9 @@ def test_disk_full_under_a_foreign_writer_is_one_line(run_copy, monkeypatch, cas
         monkeypatch.setattr(onnx_utils, "_torch_export", no_space)
         stage, needle = "export", r"\S+\.onnx"
     else:
-        import stages.bundle as bundle_mod
+        from pipeline.graph import stage_module
+
+        bundle_mod = stage_module("bundle")
 
         class FullShutil:  # the bundle stage's shutil only: its copies hit a full disk
             def __getattr__(self, attr: str):

@@ -104,8 +104,9 @@ def test_closure_follows_lazy_and_relative_imports_and_stays_in_the_project(tmp_
 def test_each_stage_hashes_the_code_it_runs():
     index = codehash.CodeIndex(ROOT)
     files = {s.name: set(index.relative(index.files(s.module, s.data_files))) for s in graph.STAGES}
-    assert "stages/lib/trt.py" in files["engine"] and "stages/lib/trt.py" not in files["teacher"]
-    assert "stages/merge.py" in files["verify"], "verify imports stages.merge: its fingerprint must cover it"
+    assert "stages/lib/trt_build.py" in files["engine"] and "stages/lib/trt_build.py" not in files["teacher"]
+    assert "stages/lib/verify_checks.py" in files["verify"], "verify imports stages.lib.verify_checks: its fingerprint must cover it"
+    assert "stages/merge.py" not in files["verify"], "a stage module is imported by the runner only"
     assert "stages/bundle_files/README.md.tmpl" in files["bundle"]
     assert not any(f.startswith("stages/bundle_files/") for s in STAGES if s != "bundle" for f in files[s])
     assert "models/merge.py" in files["merge"] and "models/merge.py" not in files["teacher"]
@@ -114,8 +115,8 @@ def test_each_stage_hashes_the_code_it_runs():
 
 def test_editing_code_only_the_engine_reaches_keeps_the_rest_cached(run_copy, code_copy, tiny_data_root):
     index = codehash.CodeIndex(code_copy)
-    assert not _reaching(index, "stages/lib/trt.py") & set(BEFORE_ENGINE)
-    _edit(code_copy / "stages" / "lib" / "trt.py")
+    assert not _reaching(index, "stages/lib/trt_build.py") & set(BEFORE_ENGINE)
+    _edit(code_copy / "stages" / "lib" / "trt_build.py")
     got = _run(_cfg(tiny_data_root), run_copy)
     assert {s: got[s] for s in BEFORE_ENGINE} == {s: "cached" for s in BEFORE_ENGINE}
     assert got["engine"] != "cached" and got["bundle"] == "done", got

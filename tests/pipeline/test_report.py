@@ -176,7 +176,9 @@ def test_engine_section_from_an_engine_stage_report(run_dir, tmp_path):
     import numpy as np
 
     from pipeline.report import write_report
-    from stages import engine
+    from pipeline.graph import stage_module
+
+    engine = stage_module("engine")
     from stages.lib.context import StageContext
 
     run = tmp_path / "run"

@@ -45,13 +45,15 @@ def _rec(run_dir: Path, folder: str, stage: str) -> dict:
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory, tiny_data_root):
     """A sweep over distill.n in {2, 4} x seeds {0, 1}, interrupted in its third run and then resumed."""
-    import stages.distill
+    from pipeline.graph import stage_module
+
+    distill_stage = stage_module("distill")
 
     common = ["epochs=1", "batch_size=64", "lr=0.05"]
     overrides = ([f"data.root={tiny_data_root}", "teacher.model=resnet8", "student.model=resnet8", "data.eval_batch_size=64"]
                  + [f"{s}.{c}" for s in ("teacher", "baseline", "distill") for c in common])
     run_dir = tmp_path_factory.mktemp("sweep-run")
-    real = stages.distill.run
+    real = distill_stage.run
 
     def killed_in_third_run(ctx):
         if "n=4_seed=0" in str(ctx.run_dir):
@@ -59,7 +61,7 @@ def swept(tmp_path_factory, tiny_data_root):
         return real(ctx)
 
     mp = pytest.MonkeyPatch()
-    mp.setattr(stages.distill, "run", killed_in_third_run)
+    mp.setattr(distill_stage, "run", killed_in_third_run)
     try:
         first = _sweep(run_dir, overrides)
     finally:

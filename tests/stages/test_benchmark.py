@@ -44,7 +44,9 @@ def tiny_cfg(upstream, **bench):
 
 
 def run_stage(upstream, export_dir: Path, out: Path, **bench):
-    from stages import benchmark
+    from pipeline.graph import stage_module
+
+    benchmark = stage_module("benchmark")
     from stages.lib.context import StageContext
 
     ins = {k: upstream[k] for k in ("data", "teacher", "distill", "merge")} | {"export": export_dir}
@@ -153,7 +155,9 @@ def test_tensorrt_skipped_with_reason_and_artifacts(bench_run):
 
 
 def test_missing_onnx_file_is_a_clear_error(upstream, make_ctx, tmp_path):
-    from stages import benchmark
+    from pipeline.graph import stage_module
+
+    benchmark = stage_module("benchmark")
     from stages.lib.errors import PipelineError
 
     empty = tmp_path / "export_empty"

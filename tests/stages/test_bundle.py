@@ -30,7 +30,9 @@ def _sha(path: Path) -> str:
 
 def _run_bundle(upstream, base: Path, *, engines: bool, cfg=None, extra_inputs=None, extra_records=None):
     """Run the bundle stage into ``base/bundle_stage``; with a fake engine folder and benchmark when asked."""
-    import stages.bundle
+    from pipeline.graph import stage_module
+
+    bundle_stage = stage_module("bundle")
     from stages.lib.context import StageContext
 
     export = make_export_dir(upstream, base / "export")
@@ -54,7 +56,7 @@ def _run_bundle(upstream, base: Path, *, engines: bool, cfg=None, extra_inputs=N
     out.mkdir()
     ctx = StageContext(name="bundle", out_dir=out, run_dir=base, cfg=cfg or upstream["cfg"], inputs=ins,
                        input_records={k: records[k] for k in ins if k in records}, log=lambda m: None)
-    return out, stages.bundle.run(ctx)
+    return out, bundle_stage.run(ctx)
 
 
 @pytest.fixture(scope="module")

@@ -187,7 +187,7 @@ def test_channel_stats_are_per_channel():
 
 
 def test_make_splits_normalise_with_the_data_stages_statistics(tiny_data_root):
-    from stages.data import describe
+    from stages.lib.dataset_describe import describe
 
     meta = describe(dataset="fashion_mnist", root=tiny_data_root, download=False, train_limit=None, val_limit=None,
                     augment=True, crop_padding=2, hflip=True, image_size=28)

@@ -46,7 +46,9 @@ def _quant_cfg(upstream, **over):
 @pytest.fixture(scope="module")
 def quantized(upstream, tmp_path_factory):
     """A finished quantize stage folder on the tiny model (real onnxruntime quantization)."""
-    import stages.quantize
+    from pipeline.graph import stage_module
+
+    quantize_stage = stage_module("quantize")
     from stages.lib.context import StageContext
 
     base = tmp_path_factory.mktemp("quant")
@@ -55,7 +57,7 @@ def quantized(upstream, tmp_path_factory):
     out.mkdir()
     ctx = StageContext(name="quantize", out_dir=out, run_dir=base, cfg=_quant_cfg(upstream, max_drop=100.0),
                        inputs={"data": upstream["data"], "export": export}, input_records={}, log=lambda m: None)
-    return out, stages.quantize.run(ctx)
+    return out, quantize_stage.run(ctx)
 
 
 @pytest.fixture(scope="module")
@@ -270,23 +272,25 @@ def test_quantize_stage_writes_qdq_int8_with_recorded_calibration(quantized, ups
 
 
 def test_gate_refuses_a_model_that_drops_too_much(upstream, tmp_path, monkeypatch):
-    import stages.quantize
+    from pipeline.graph import stage_module
+
+    quantize_stage = stage_module("quantize")
     from stages.lib.context import StageContext
 
-    real = stages.quantize.evaluate
+    real = quantize_stage.evaluate
 
     def worse_int8(sessions, batches, total=None):
         acc = real(sessions, batches, total)
         acc["int8"]["top1"] = acc["fp32"]["top1"] - 0.02  # 2 points below fp32
         return acc
 
-    monkeypatch.setattr(stages.quantize, "evaluate", worse_int8)
+    monkeypatch.setattr(quantize_stage, "evaluate", worse_int8)
     out = tmp_path / "quantize"
     out.mkdir()
     export = make_export_dir(upstream, tmp_path / "export")
     ctx = StageContext(name="quantize", out_dir=out, run_dir=tmp_path, cfg=_quant_cfg(upstream, max_drop=1.0),
                        inputs={"data": upstream["data"], "export": export}, input_records={}, log=lambda m: None)
-    metrics = stages.quantize.run(ctx)
+    metrics = quantize_stage.run(ctx)
     q = json.loads((out / "quantize.json").read_text())
     assert not metrics["int8_shipped"] and metrics["int8_drop_pts"] == pytest.approx(2.0)
     assert "2.00 points below fp32" in q["precisions"]["int8"]["reason"] and "max_drop = 1.0" in q["precisions"]["int8"]["reason"]
@@ -316,7 +320,7 @@ def test_manifest_lists_precisions_with_accuracy_agreement_speedup(kit_bundle, q
 
 
 def test_speed_verdict_is_three_valued():
-    from stages.quantize import speed_verdict
+    from stages.lib.latency_verdict import speed_verdict
 
     aa = {"ratio": 1.0, "lo": 0.98, "hi": 1.02}
     assert speed_verdict({"ratio": 0.5, "lo": 0.45, "hi": 0.55}, aa)[0] == "faster"
@@ -327,7 +331,9 @@ def test_speed_verdict_is_three_valued():
 
 
 def test_engine_stage_builds_int8_from_the_qdq_onnx(upstream, make_ctx, quantized, fake_trt, tmp_path, monkeypatch):  # noqa: F811
-    import stages.engine
+    from pipeline.graph import stage_module
+
+    engine_stage = stage_module("engine")
     from stages.lib import trt_int8
     from tests.stages.test_engine import _cfg
 
@@ -341,12 +347,12 @@ def test_engine_stage_builds_int8_from_the_qdq_onnx(upstream, make_ctx, quantize
     monkeypatch.setattr(FakeRunner, "noise", {"fp32": 0.0, "fp16": 0.0, "int8": 0.0})
     export = make_export_dir(upstream, tmp_path / "export")
     ctx = make_ctx("engine", inputs={"export": export, "quantize": quantized[0]}, cfg=_cfg(upstream, tmp_path))
-    metrics = stages.engine.run(ctx)
+    metrics = engine_stage.run(ctx)
     assert built == ["model_int8.onnx"] and (ctx.out_dir / "model_int8.plan").is_file() and "int8_top1" in metrics
     side = json.loads((ctx.out_dir / "model_int8.json").read_text())
     assert side["precision"] == "int8" and side["onnx"] == "model_int8.onnx"
     ctx2 = make_ctx("engine2", inputs={"export": export}, cfg=_cfg(upstream, tmp_path))
-    stages.engine.run(ctx2)
+    engine_stage.run(ctx2)
     report = json.loads((ctx2.out_dir / "engine.json").read_text())
     assert "int8" not in report["engines"] and "quantize stage did not run" in report["not_built"]["int8"]
 

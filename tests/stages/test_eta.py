@@ -94,7 +94,7 @@ def test_plan_flops_counts_epochs_images_and_the_teacher(tiny_data_root):
     from models.norm import LogitsOnly, NormStudent
     from models.registry import create_model
     from pipeline.config import load_config
-    from stages.data import describe
+    from stages.lib.dataset_describe import describe
     from stages.lib.eta import plan_flops
     from stages.lib.flops import count_flops
 

@@ -33,11 +33,13 @@ def _cfg(upstream):
 @pytest.fixture(scope="module")
 def exported(upstream, tmp_path_factory):
     """One real export run shared by the tests below (the expensive part: ~15 s on 2 cores)."""
-    import stages.export
+    from pipeline.graph import stage_module
+
+    export_stage = stage_module("export")
 
     out = tmp_path_factory.mktemp("export")
     t0 = time.perf_counter()
-    metrics = stages.export.run(_ctx(upstream, out))
+    metrics = export_stage.run(_ctx(upstream, out))
     seconds = time.perf_counter() - t0
     report = json.loads((out / "export.json").read_text())
     print(f"\nexport stage: {seconds:.1f} s in total; per model: "
@@ -129,7 +131,9 @@ def test_graph_identity(exported):
 
 def test_parity_failure_raises_after_writing_the_report(exported, upstream, tmp_path, monkeypatch):
     from stages.lib import onnx_utils
-    import stages.export
+    from pipeline.graph import stage_module
+
+    export_stage = stage_module("export")
 
     def reuse(model, path, *, kind, **_):  # skip the slow export: the files are the real ones
         shutil.copy(exported["dir"] / KINDS[kind], path)
@@ -141,7 +145,7 @@ def test_parity_failure_raises_after_writing_the_report(exported, upstream, tmp_
     out = tmp_path / "export"
     out.mkdir()
     with pytest.raises(PipelineError, match=r"onnxruntime output differs from PyTorch beyond export.atol"):
-        stages.export.run(_ctx(upstream, out))
+        export_stage.run(_ctx(upstream, out))
     report = json.loads((out / "export.json").read_text())
     assert report["parity"]["ok"] is False
     assert all(f["parity"]["failed_elements"] > 0 for f in report["models"].values())
@@ -155,19 +159,21 @@ class _Zeta(nn.Module):
 
 
 def test_unexportable_model_raises(upstream, tmp_path, monkeypatch):
-    import stages.export
+    from pipeline.graph import stage_module
 
-    real = stages.export.load_models
+    export_stage = stage_module("export")
+
+    real = export_stage.load_models
 
     def with_bad_teacher(ctx):
         models = real(ctx)
         return {"teacher": {**models["teacher"], "model": _Zeta()}, **{k: v for k, v in models.items() if k != "teacher"}}
 
-    monkeypatch.setattr(stages.export, "load_models", with_bad_teacher)
+    monkeypatch.setattr(export_stage, "load_models", with_bad_teacher)
     out = tmp_path / "export"
     out.mkdir()
     with pytest.raises(PipelineError, match=r"^ONNX export of teacher failed: ") as err:
-        stages.export.run(_ctx(upstream, out))
+        export_stage.run(_ctx(upstream, out))
     assert "zeta" in str(err.value) and "\n" not in str(err.value)  # the reason, on one line
     assert list(out.iterdir()) == []  # nothing half-written
 

@@ -54,13 +54,15 @@ def test_the_stage_exports_everything_with_torchscript(upstream, make_ctx):
     """The export stage hands export.exporter to every export: the wiring, on the real upstream artifacts."""
     import json
 
-    import stages.export
+    from pipeline.graph import stage_module
+
+    export_stage = stage_module("export")
     from pipeline.config import load_config
 
     cfg = upstream["cfg"].model_copy(update={"export": upstream["cfg"].export.model_copy(
         update={"exporter": "torchscript", "parity_samples": 16})})
     ctx = make_ctx("export", cfg=cfg)
-    metrics = stages.export.run(ctx)
+    metrics = export_stage.run(ctx)
     files = json.loads((ctx.out_dir / "export.json").read_text())["models"]
     assert {f["exporter"] for f in files.values()} == {"torchscript"} and len(files) == 4
     assert metrics["graph_identical"] is True

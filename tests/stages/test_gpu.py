@@ -51,10 +51,12 @@ def test_norm_training_on_cuda_then_exact_merge(tmp_path, amp, channels_last):
 
 
 def test_verify_stage_on_cuda(make_ctx):
-    import stages.verify
+    from pipeline.graph import stage_module
+
+    verify_stage = stage_module("verify")
 
     ctx = make_ctx("verify", inputs={})
     ctx.device = "cuda"
-    metrics = stages.verify.run(ctx)
+    metrics = verify_stage.run(ctx)
     assert metrics["top1_agreement"] == 1.0
     assert metrics["fp64_max_rel_diff"] < 1e-9

@@ -34,14 +34,16 @@ def test_count_flops_and_params_on_known_layers():
 
 # ----------------------------------------------------------------------------- merge
 def test_merge_stage_writes_the_merged_vanilla_model(make_ctx, upstream, tmp_path):
-    import stages.merge
+    from pipeline.graph import stage_module
+
+    merge_stage = stage_module("merge")
     from models.merge import merge_norm_student
     from models.norm import LogitsOnly
     from models.registry import create_model
     from stages.lib.checkpoints import load_model, load_norm_student
     from stages.lib.flops import count_params
 
-    metrics = stages.merge.run(make_ctx("merge"))
+    metrics = merge_stage.run(make_ctx("merge"))
     info = json.loads((tmp_path / "merge" / "merge.json").read_text())
     ns, _ = load_norm_student(upstream["distill"] / "norm_student.pt")
     teacher, _ = load_model(upstream["teacher"] / "model.pt")
@@ -66,7 +68,9 @@ def test_merge_stage_writes_the_merged_vanilla_model(make_ctx, upstream, tmp_pat
 
 
 def test_merge_refusal_becomes_pipeline_error(make_ctx, upstream, monkeypatch):
-    import stages.merge
+    from pipeline.graph import stage_module
+
+    merge_stage = stage_module("merge")
     from stages.lib.checkpoints import load_norm_student
 
     def max_pool_head(path):
@@ -74,18 +78,20 @@ def test_merge_refusal_becomes_pipeline_error(make_ctx, upstream, monkeypatch):
         ns.student.head.global_pool = nn.AdaptiveMaxPool2d(1)  # not linear: the merge must refuse it
         return ns, meta
 
-    monkeypatch.setattr(stages.merge, "load_norm_student", max_pool_head)
+    monkeypatch.setattr(merge_stage, "load_norm_student", max_pool_head)
     with pytest.raises(PipelineError, match="cannot merge: head module 'global_pool'"):
-        stages.merge.run(make_ctx("merge"))
+        merge_stage.run(make_ctx("merge"))
 
 
 # ----------------------------------------------------------------------------- verify
 def test_verify_passes_on_honest_artifacts(make_ctx, upstream, tmp_path):
-    import stages.verify
+    from pipeline.graph import stage_module
+
+    verify_stage = stage_module("verify")
     from models.registry import create_model
     from stages.lib.flops import count_flops, count_params
 
-    metrics = stages.verify.run(make_ctx("verify", cfg=_cfg(upstream)))
+    metrics = verify_stage.run(make_ctx("verify", cfg=_cfg(upstream)))
     report = json.loads((tmp_path / "verify" / "verify.json").read_text())
     dataset = json.loads((upstream["data"] / "dataset.json").read_text())
     assert report["passed"] is True and report["failures"] == []
@@ -103,7 +109,9 @@ def test_verify_passes_on_honest_artifacts(make_ctx, upstream, tmp_path):
 
 
 def test_verify_fails_on_tampered_merge(make_ctx, upstream, tmp_path):
-    import stages.verify
+    from pipeline.graph import stage_module
+
+    verify_stage = stage_module("verify")
 
     payload = torch.load(upstream["merge"] / "model.pt", weights_only=True)
     payload["state_dict"]["head.fc.bias"] = payload["state_dict"]["head.fc.bias"] + 0.05
@@ -111,7 +119,7 @@ def test_verify_fails_on_tampered_merge(make_ctx, upstream, tmp_path):
     tampered.mkdir()
     torch.save(payload, tampered / "model.pt")
     with pytest.raises(PipelineError, match=r"fp32_max_rel_diff=\S+ exceeds verify.fp32_rel_tol"):
-        stages.verify.run(make_ctx("verify", inputs={"merge": tampered}, cfg=_cfg(upstream)))
+        verify_stage.run(make_ctx("verify", inputs={"merge": tampered}, cfg=_cfg(upstream)))
     report = json.loads((tmp_path / "verify" / "verify.json").read_text())  # written for the record
     assert report["passed"] is False
     assert report["fp32"]["max_abs_diff"] == pytest.approx(0.05, rel=1e-3)
@@ -119,18 +127,20 @@ def test_verify_fails_on_tampered_merge(make_ctx, upstream, tmp_path):
 
 
 def test_verify_fails_when_tolerances_are_absurd(make_ctx, upstream, tmp_path):
-    import stages.verify
+    from pipeline.graph import stage_module
+
+    verify_stage = stage_module("verify")
 
     cfg = _cfg(upstream, fp32_rel_tol=1e-30, fp64_rel_tol=1e-30)
     with pytest.raises(PipelineError) as err:
-        stages.verify.run(make_ctx("verify", cfg=cfg))
+        verify_stage.run(make_ctx("verify", cfg=cfg))
     assert "exceeds verify.fp32_rel_tol=1.0e-30" in str(err.value)
     assert "fp64_max_rel_diff=" in str(err.value) and "verify.fp64_rel_tol" in str(err.value)
     assert json.loads((tmp_path / "verify" / "verify.json").read_text())["passed"] is False
 
 
 def test_verify_failures_names_structure_and_agreement():
-    from stages.verify import failures
+    from stages.lib.verify_checks import failures
 
     ok = {"max_rel_diff": 0.0, "top1_agreement": 1.0}
     report = {"fp32": {**ok, "top1_agreement": 0.9}, "fp64": {**ok, "max_rel_diff": float("nan")}, "fp64_stored": ok,

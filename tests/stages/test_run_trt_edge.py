@@ -1,7 +1,7 @@
 """run_trt.py --selftest / --report on the strict fake TensorRT: the bundle's TensorRT runner run as the edge team
 runs it (a fresh Python without torch), with the fake TensorRT 10.3.0 and fake CUDA installed in that process.
 
-Engines are built in the test process by the pipeline's own build (stages.lib.trt through the same fake), so the
+Engines are built in the test process by the pipeline's own build (stages.lib.trt_build through the same fake), so the
 plan, its sidecar and the bundle are what the pipeline ships."""
 from __future__ import annotations
 

@@ -138,7 +138,9 @@ def test_unusable_files_give_one_line_errors(tmp_path, content, needle):
 
 def test_teacher_stage_imports_and_evaluates_instead_of_training(tmp_path, make_ctx, upstream, monkeypatch):
     import stages.lib.training as T
-    import stages.teacher
+    from pipeline.graph import stage_module
+
+    teacher_stage = stage_module("teacher")
     from stages.lib.datasets import val_batches
 
     src = _source("resnet8", in_chans=1)
@@ -148,7 +150,7 @@ def test_teacher_stage_imports_and_evaluates_instead_of_training(tmp_path, make_
     cfg = load_config(None, [f"data.root={upstream['cfg'].data.root}", "teacher.model=resnet8",
                              f"teacher.checkpoint={ckpt}", "run.device=cpu"])
     ctx = make_ctx("teacher", cfg=cfg)
-    metrics = stages.teacher.run(ctx)
+    metrics = teacher_stage.run(ctx)
     assert metrics["imported"] is True and sorted(ctx.out_dir.iterdir()) == [ctx.out_dir / "model.pt"]
     model, meta = load_model(ctx.out_dir / "model.pt")
     assert meta["model"] == "resnet8" and meta["source"] == str(ckpt)

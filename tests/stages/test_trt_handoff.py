@@ -1,4 +1,4 @@
-"""The TensorRT hand-off on CPU: stages.lib.trt and the bundle's run_trt.py driven by the strict fake TensorRT
+"""The TensorRT hand-off on CPU: stages.lib.trt_* and the bundle's run_trt.py driven by the strict fake TensorRT
 (tests/fakes), its surface checked against the recorded real bindings, and each failure path TensorRT has."""
 from __future__ import annotations
 

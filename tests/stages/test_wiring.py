@@ -16,7 +16,9 @@ EXPECTED_WEIGHT = [0.0, 0.0, ALPHA * 2.0, ALPHA * 0.5]  # alpha * the schedule's
 
 
 def test_distill_applies_the_norm_schedule_epoch_by_epoch(make_ctx, upstream, monkeypatch):
-    import stages.distill as distill
+    from pipeline.graph import stage_module
+
+    distill = stage_module("distill")
     from stages.lib import training as T
 
     cfg = upstream["cfg"]
