@@ -118,7 +118,7 @@ MUTATIONS: list[Mutation] = [
        ("return float(np.median(b) / np.median(a)), float(lo), float(hi)", "return float(np.median(a) / np.median(b)), float(lo), float(hi)")),
     _m("timing-verdict", "stages/lib/timing.py", "verdict needs only one end inside the band", TIMING,
        ("return (1 - band) <= lo <= hi <= (1 + band)", "return (1 - band) <= lo or hi <= (1 + band)")),
-    _m("timing-no-mirror", "stages/lib/timing.py", "ABBA rounds not mirrored", TIMING,
+    _m("timing-no-mirror", "stages/lib/schedule.py", "ABBA rounds not mirrored", TIMING,
        ("        yield [models[i] for i in reversed(row)]\n", "        yield [models[i] for i in row]\n")),
     # a 90% interval labelled 95% makes a "cost unchanged: yes" easier to get; killed by the coverage test
     _m("timing-ci-level", "stages/lib/timing.py", "a 90% interval reported as 95%", TIMING,

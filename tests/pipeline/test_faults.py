@@ -4,11 +4,11 @@ exit, no traceback, and no stage record created or changed (a failed stage never
 Cheap commands (config errors, `bundle verify`, `status`) run as subprocesses; commands that need torch run
 in-process through click's CliRunner to stay fast. One finished tiny run is shared and copied per case.
 Everything runs single-threaded (``ONE_THREAD``): on a busy 2-core machine OpenMP threads that wait for each
-other make tiny training steps several times slower, and the results do not depend on it.
+other make tiny training steps several times slower, and the results do not depend on it. Bundle/engine faults are in
+test_faults_bundle.py, integrity and safe loading in test_faults_integrity.py (both share these helpers).
 """
 from __future__ import annotations
 
-import ast
 import gzip
 import json
 import os
@@ -334,11 +334,11 @@ def test_verify_tolerance_exceeded_stops_before_export(run_copy):
 
 def _reuse_base_onnx(monkeypatch):
     """The exporter is deterministic and slow: hand back the base run's files for the same models."""
-    from stages.export import FILES
+    from pipeline.graph import stage_module
     from stages.lib import onnx_utils
 
     def reuse(model, path, *, kind, **_):
-        shutil.copyfile(_BASE["run"] / "export" / FILES[kind], path)
+        shutil.copyfile(_BASE["run"] / "export" / stage_module("export").FILES[kind], path)
         return {"exporter": "dynamo", "dynamo_error": None}
 
     monkeypatch.setattr(onnx_utils, "export_onnx", reuse)
@@ -363,143 +363,13 @@ class _Zeta(torch.nn.Module):
 
 def test_unexportable_model(run_copy, monkeypatch):
     rd, cfg, before = run_copy
-    import stages.export
+    from pipeline.graph import stage_module
 
-    real = stages.export.load_models
-    monkeypatch.setattr(stages.export, "load_models",
+    export_stage = stage_module("export")
+
+    real = export_stage.load_models
+    monkeypatch.setattr(export_stage, "load_models",
                         lambda ctx: {k: ({**v, "model": _Zeta()} if k == "merged" else v) for k, v in real(ctx).items()})
     failed_cleanly(invoke("stage", "export", "-c", cfg, "--run-dir", str(rd), "--force"),
                    r"ONNX export of merged failed: .*zeta", r"replace the unsupported operation", run_dir=rd, before=before)
     assert [p.name for p in (rd / ".export.work").iterdir()] == [".fingerprint"], "a half-written export was left"
-
-
-# ----------------------------------------------------------------------------- bundles and engines
-def _bundle(run_copy) -> Path:
-    return run_copy[0] / "bundle" / "bundle"
-
-
-@pytest.mark.parametrize("case", ["folder-file-edited", "tarball-member-edited", "tarball-truncated"])
-def test_tampered_bundle(run_copy, tmp_path, case):
-    from stages.lib.tarball import make_tarball
-
-    folder = _bundle(run_copy)
-    target = folder
-    if case == "tarball-truncated":
-        target = tmp_path / "bundle.tar.gz"
-        target.write_bytes((folder.parent / "bundle.tar.gz").read_bytes()[:50_000])
-        needles = [r"is not a readable tar archive \(Compressed file ended"]
-    else:
-        onnx = folder / "model.onnx"
-        onnx.write_bytes(onnx.read_bytes()[:-1] + b"\x00")
-        needles = [r"sha256 mismatch: model\.onnx was modified or is corrupt"]
-        if case == "tarball-member-edited":
-            target = make_tarball(folder, tmp_path / "bundle.tar.gz")
-    assert run_cli("bundle", "verify", str(folder.parent / "bundle.tar.gz")).code == 0  # the original is fine
-    failed_cleanly(run_cli("bundle", "verify", str(target)), *needles, r"do not deploy it", code=1)
-
-
-def _add_engine(bundle: Path) -> None:
-    """A (fake) TensorRT 10.3 engine for compute capability 8.7, listed and hashed like the bundle stage does."""
-    from stages.lib import trt_rules
-    from stages.lib.io import sha256_file
-
-    plan = bundle / "model_fp32.plan"
-    plan.write_bytes(b"not really a plan")
-    side = trt_rules.make_sidecar(plan_path=plan, onnx_path=bundle / "model.onnx", precision="fp32", fp16_mode=None,
-                            tensorrt_version="10.3.0.26", gpu={"name": "Jetson AGX Orin", "compute_capability": "8.7"},
-                            profile={"input": "input", "min": [1, 1, 28, 28], "opt": [8, 1, 28, 28], "max": [64, 1, 28, 28]},
-                            hardware_compatibility="none", inputs=[], outputs=[], build_seconds=1.0,
-                            optimization_level=3, workspace_mb=1024)
-    (bundle / "model_fp32.json").write_text(json.dumps(side))
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    manifest["engines"] = [{"plan": plan.name, "sidecar": "model_fp32.json", "precision": "fp32"}]
-    for name in (plan.name, "model_fp32.json"):
-        manifest["files"][name] = {"sha256": sha256_file(bundle / name), "bytes": (bundle / name).stat().st_size}
-    (bundle / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    sums = {**{n: e["sha256"] for n, e in manifest["files"].items()}, "manifest.json": sha256_file(bundle / "manifest.json")}
-    (bundle / "SHA256SUMS").write_text("".join(f"{h}  {n}\n" for n, h in sorted(sums.items())))
-
-
-def _fake_machine(root: Path, trt_version: str, gpu: tuple[str, int, int] | None) -> dict:
-    """PYTHONPATH with a stand-in `tensorrt` (its version only) and, optionally, cuda-python reporting a GPU."""
-    (root / "tensorrt").mkdir(parents=True)
-    (root / "tensorrt" / "__init__.py").write_text(f"__version__ = {trt_version!r}\n")
-    if gpu:
-        (root / "cuda" / "bindings").mkdir(parents=True)
-        (root / "cuda" / "__init__.py").write_text("")
-        (root / "cuda" / "bindings" / "__init__.py").write_text("")
-        (root / "cuda" / "bindings" / "runtime.py").write_text(
-            "class cudaError_t:\n    cudaSuccess = 0\n\n\nclass _Props:\n"
-            f"    name, major, minor = {gpu[0].encode()!r}, {gpu[1]}, {gpu[2]}\n\n\n"
-            "def cudaGetDeviceCount():\n    return 0, 1\n\n\n"
-            "def cudaGetDeviceProperties(device):\n    return 0, _Props()\n")
-    return {"PYTHONPATH": os.pathsep.join([str(root), str(ROOT), os.environ.get("PYTHONPATH", "")])}
-
-
-@pytest.mark.parametrize("trt_version, gpu, needles", [
-    ("10.8.0", None, [r"built with TensorRT 10\.3\.0\.26 but this machine has TensorRT 10\.8\.0",
-                      r"rebuild the engine with trtexec on the device"]),
-    ("10.3.1", None, [r"built with TensorRT 10\.3\.0\.26 but this machine has TensorRT 10\.3\.1",
-                      r"only on the exact version that built it"]),  # a patch release apart is refused too
-    ("10.3.0.26", ("Tesla T4", 7, 5), [r"built for compute capability 8\.7 \(Jetson AGX Orin\) but this GPU \(Tesla T4\) has 7\.5",
-                                       r"rebuild the engine"]),
-], ids=["other-tensorrt", "other-patch", "other-gpu"])
-def test_engine_for_another_machine(run_copy, tmp_path, trt_version, gpu, needles):
-    bundle = _bundle(run_copy)
-    _add_engine(bundle)
-    env = _fake_machine(tmp_path / "fake", trt_version, gpu)
-    lenient = run_cli("bundle", "verify", str(bundle), env=env)
-    assert lenient.code == 0 and "warning: model_fp32.plan" in lenient.err  # intact bundle, engine for elsewhere
-    failed_cleanly(run_cli("bundle", "verify", "--strict", str(bundle), env=env),
-                   r"is intact, but an engine cannot run on this machine: model_fp32\.plan", *needles, code=1)
-
-
-# ----------------------------------------------------------------------------- integrity and safe loading
-def test_status_flags_an_artifact_that_no_longer_matches_its_record(run_copy):
-    rd, cfg, _ = run_copy
-    clean = run_cli("status", "-c", cfg, "--run-dir", str(rd))
-    assert clean.code == 0 and "modified" not in clean.out and re.search(r"teacher\s.*done", clean.out), clean.out
-    (rd / "merge" / "merge.json").write_text("{}")
-    (rd / "teacher" / "notes.txt").write_text("added by hand")
-    res = run_cli("status", "-c", cfg, "--run-dir", str(rd))
-    assert res.code == 1 and "Traceback" not in res.out + res.err
-    assert res.err.strip().splitlines()[-1].startswith("error: files of teacher, merge no longer match"), res.err
-    rows = {ln.split("│")[1].strip(): ln for ln in res.out.splitlines() if ln.count("│") > 2}
-    assert "modified" in rows["merge"] and "merge.json" in rows["merge"], res.out
-    assert "modified" in rows["teacher"] and "notes.txt (unrecorded)" in rows["teacher"], res.out
-    assert all("modified" not in rows[s] for s in ("data", "distill", "verify", "export")), res.out
-
-
-_UNSAFE = {("pickle", "load"), ("pickle", "loads"), ("yaml", "load"), ("yaml", "unsafe_load"), ("marshal", "loads")}
-
-
-def _unsafe_loads(tree: ast.AST) -> tuple[int, list[str]]:
-    """(number of torch.load calls, the offending calls) in one module."""
-    torch_loads, bad = 0, []
-    for node in ast.walk(tree):
-        if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
-            continue
-        owner = node.func.value.id if isinstance(node.func.value, ast.Name) else ast.unparse(node.func.value)
-        kw = {k.arg: k.value for k in node.keywords}
-        if node.func.attr == "load" and owner in ("torch", "torch.serialization"):
-            torch_loads += 1
-            if not (isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True):
-                bad.append(f"line {node.lineno}: {ast.unparse(node)[:80]} (needs weights_only=True)")
-        elif (owner, node.func.attr) in _UNSAFE or (owner in ("np", "numpy") and node.func.attr == "load"
-                                                      and isinstance(kw.get("allow_pickle"), ast.Constant)
-                                                      and kw["allow_pickle"].value):
-            bad.append(f"line {node.lineno}: {ast.unparse(node)[:80]} (can run code from the file)")
-    return torch_loads, bad
-
-
-def test_every_load_is_weights_only():
-    files = [p for p in ROOT.rglob("*.py") if not {".venv", "build", ".git"} & set(p.relative_to(ROOT).parts)]
-    total, offenders = 0, []
-    for f in files:
-        n, bad = _unsafe_loads(ast.parse(f.read_text(encoding="utf-8"), filename=str(f)))
-        total += n
-        offenders += [f"{f.relative_to(ROOT)} {b}" for b in bad]
-    assert total >= 2, "the scan found no torch.load at all: it is not looking at the source"
-    assert not offenders, "unsafe loading:\n" + "\n".join(offenders)
-    n, bad = _unsafe_loads(ast.parse("import torch\ntorch.load(p)\ntorch.load(p, weights_only=False)\npickle.loads(b)"))
-    assert n == 2 and len(bad) == 3  # the scanner itself catches what it must
