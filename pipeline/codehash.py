@@ -4,7 +4,7 @@ A stage's cached artifact is only valid for the code that made it, so its finger
 project files the stage executes: its own module, every project module it imports (at the top or lazily
 inside a function, found by reading the AST, never by importing), the package ``__init__`` files on the
 way, and the data files its spec declares (templates, files copied into the bundle). Editing
-``stages/lib/trt.py`` then re-runs the stages that reach it, and leaves the teacher alone.
+``stages/lib/trt_build.py`` then re-runs the stages that reach it, and leaves the teacher alone.
 """
 from __future__ import annotations
 
