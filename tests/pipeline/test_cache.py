@@ -122,8 +122,9 @@ def test_editing_code_only_the_engine_reaches_keeps_the_rest_cached(run_copy, co
     assert got["engine"] != "cached" and got["bundle"] == "done", got
 
 
-def test_editing_stages_merge_reruns_merge_and_verify(run_copy, code_copy, tiny_data_root):
-    _edit(code_copy / "stages" / "merge.py")
+def test_editing_the_checks_merge_and_verify_share_reruns_both(run_copy, code_copy, tiny_data_root):
+    """stages/lib/verify_checks.py is imported by both stages (no stage imports another stage's module)."""
+    _edit(code_copy / "stages" / "lib" / "verify_checks.py")
     got = _run(_cfg(tiny_data_root), run_copy)
     assert got["merge"] == "done" and got["verify"] == "done", got
     assert all(got[s] == "cached" for s in ("data", "teacher", "baseline", "distill")), got
