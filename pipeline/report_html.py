@@ -296,7 +296,7 @@ def accuracy_rows(run: Run, s: dict) -> list[dict]:
 
 
 def verify_rows(run: Run) -> Optional[dict]:
-    vj = run.artifact("verify", "verify.json")
+    vj = run.artifact("verify", "verify")
     if not vj:
         return None
     tol, st = vj.get("tolerances", {}), vj.get("structure", {})
@@ -320,7 +320,7 @@ def verify_rows(run: Run) -> Optional[dict]:
 
 
 def export_section(run: Run) -> Optional[dict]:
-    ej = run.artifact("export", "export.json")
+    ej = run.artifact("export", "export")
     if not ej:
         return None
     rows = []
@@ -338,7 +338,7 @@ def export_section(run: Run) -> Optional[dict]:
 
 
 def engine_section(run: Run) -> Optional[dict]:
-    ej = run.artifact("engine", "engine.json")
+    ej = run.artifact("engine", "engine")
     if not ej:
         return None
     rows = [{"prec": p, "top1": fmt_pct(e.get("top1")), "agree": fmt_pct(e.get("top1_agreement")),
@@ -352,7 +352,7 @@ def engine_section(run: Run) -> Optional[dict]:
 
 
 def latency_section(run: Run, s: dict) -> Optional[dict]:
-    bj = run.artifact("benchmark", "benchmark.json")
+    bj = run.artifact("benchmark", "benchmark")
     if not bj:
         return None
     lat = s.get("latency") or {}
@@ -373,13 +373,13 @@ def latency_section(run: Run, s: dict) -> Optional[dict]:
                      "verdict_cell": c["backend"] == lat.get("verdict_backend") and c["batch"] == lat.get("verdict_batch")})
     env = bj.get("environment", {})
     return {"models": models, "rows": rows, "clock": clock, "band": band, "skipped": bj.get("skipped_backends", {}),
-            "ratios_png": ratios_png(bj, clock, band, (lat.get("verdict_backend"), lat.get("verdict_batch"))), "stage_png": _file_png(run.path / "benchmark" / "latency.png"),
+            "ratios_png": ratios_png(bj, clock, band, (lat.get("verdict_backend"), lat.get("verdict_batch"))), "stage_png": _file_png(run.artifact_path("benchmark", "latency_png")),
             "rule": bj.get("verdict", {}).get("rule", ""), "env": f"{env.get('cpu', '?')} · {env.get('cpu_count', '?')} CPUs"
             + (f" · {env['gpu']}" if env.get("gpu") else "") + f" · torch {env.get('torch', '?')}"}
 
 
 def bundle_section(run: Run, s: dict) -> Optional[dict]:
-    man = run.artifact("bundle", "bundle/manifest.json")
+    man = run.artifact("bundle", "bundle", "manifest.json")
     if not man:
         return None
     files = [{"name": n, "size": _bytes(f.get("bytes")), "sha256": f.get("sha256")} for n, f in man.get("files", {}).items()]

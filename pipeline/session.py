@@ -238,5 +238,5 @@ def print_stage_list() -> None:
         table.add_column(col)
     for s in graph.STAGES:
         reads = ", ".join(list(s.inputs) + [f"{o} (optional)" for o in s.optional_inputs]) or "-"
-        table.add_row(s.name, reads, ", ".join(s.outputs), ", ".join(s.config), s.help)
+        table.add_row(s.name, reads, s.describe_outputs(), ", ".join(s.config), s.help)
     console.print(table)

@@ -64,17 +64,17 @@ def load_torch_models(ctx: StageContext, include_teacher: bool) -> dict[str, tor
     from models.registry import create_model
     from stages.lib.checkpoints import load_model, load_norm_student
 
-    merged, meta = load_model(ctx.input("merge") / "model.pt", "merged student")
+    merged, meta = load_model(ctx.artifact("merge", "model"), "merged student")
     models: dict[str, torch.nn.Module] = {}
     for name in ("vanilla", "vanilla_b"):
         fresh = create_model(meta["model"], num_classes=meta["num_classes"], in_chans=meta["in_chans"])
         fresh.load_state_dict(merged.state_dict(), strict=True)
         models[name] = fresh.eval()
     models["merged"] = merged
-    ns, _ = load_norm_student(ctx.input("distill") / "norm_student.pt")
+    ns, _ = load_norm_student(ctx.artifact("distill", "norm_student"))
     models["unmerged"] = LogitsOnly(ns).eval()
     if include_teacher:
-        models["teacher"] = load_model(ctx.input("teacher") / "model.pt", "teacher")[0]
+        models["teacher"] = load_model(ctx.artifact("teacher", "model"), "teacher")[0]
     return models
 
 

@@ -105,7 +105,7 @@ def latency_table(ctx: StageContext) -> Any:
     """benchmark.json when the benchmark stage ran (its summary metrics if the file is large)."""
     if "benchmark" not in ctx.inputs:
         return None
-    path = Path(ctx.inputs["benchmark"]) / "benchmark.json"
+    path = ctx.artifact("benchmark", "benchmark")
     if path.is_file() and path.stat().st_size < 256_000:
         return json.loads(path.read_text())
     return ctx.input_metrics("benchmark") or None
@@ -245,7 +245,7 @@ def run(ctx: StageContext) -> dict:
     from stages.lib.onnx_utils import read_metadata
     from stages.lib.trt import onnx_io
 
-    src = Path(ctx.input("export")) / "model.onnx"
+    src = ctx.artifact("export", "model")
     if not src.is_file():
         raise PipelineError(f"{src} not found; re-run `norm-pipeline stage export`")
     meta = json.loads((Path(ctx.input("data")) / "dataset.json").read_text())
@@ -259,7 +259,7 @@ def run(ctx: StageContext) -> dict:
     ship16 = ctx.cfg.bundle.fp16_onnx and (quant is None or quant["precisions"]["fp16"]["shipped"])
     fp16 = fp16_onnx(bundle / "model.onnx", bundle / "model_fp16.onnx", first_images(meta, 64)) if ship16 else None
     if quant is not None and quant["precisions"]["int8"]["shipped"]:
-        shutil.copyfile(Path(ctx.inputs["quantize"]) / "model_int8.onnx", bundle / "model_int8.onnx")
+        shutil.copyfile(ctx.artifact("quantize", "int8"), bundle / "model_int8.onnx")
     engines = copy_engines(ctx, bundle)
     for name in RUNNERS:
         (bundle / name).write_text(bundle_file(name), encoding="utf-8")

@@ -27,7 +27,7 @@ def int8_source(ctx: StageContext) -> Path | str:
     """quantize/model_int8.onnx when the quantize stage shipped it, else why there is no int8 engine."""
     if "quantize" not in ctx.inputs:
         return "the quantize stage did not run (it makes the Q/DQ ONNX TensorRT builds INT8 from)"
-    q = json.loads((Path(ctx.inputs["quantize"]) / "quantize.json").read_text())
+    q = json.loads(ctx.artifact("quantize", "quantize").read_text())
     int8 = q["precisions"]["int8"]
     ref = int8.get("qdq_reference") or int8  # TensorRT implements the Q/DQ arithmetic, not onnxruntime's CPU kernels
     if not ref["shipped"]:
@@ -130,7 +130,7 @@ def run(ctx: StageContext) -> dict:
     if not ok:
         ctx.skip(reason)
     c = ctx.cfg.engine
-    onnx_path = Path(ctx.input("export")) / "model.onnx"
+    onnx_path = ctx.artifact("export", "model")
     if not onnx_path.is_file():
         raise PipelineError(f"{onnx_path} not found; re-run `norm-pipeline stage export`")
     meta = json.loads((Path(ctx.input("data")) / "dataset.json").read_text())

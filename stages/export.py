@@ -45,9 +45,9 @@ def package_version() -> str:
 
 def load_models(ctx: StageContext) -> dict[str, dict]:
     """kind -> {"model": CPU float32 module in eval mode, "name", "source" file, "in_chans"}."""
-    merge_pt = Path(ctx.input("merge")) / "model.pt"
-    distill_pt = Path(ctx.input("distill")) / "norm_student.pt"
-    teacher_pt = Path(ctx.input("teacher")) / "model.pt"
+    merge_pt = ctx.artifact("merge", "model")
+    distill_pt = ctx.artifact("distill", "norm_student")
+    teacher_pt = ctx.artifact("teacher", "model")
     merged, m_meta = load_model(merge_pt, "merged model")
     vanilla = create_model(m_meta["model"], num_classes=m_meta["num_classes"], in_chans=m_meta["in_chans"])
     vanilla.load_state_dict(merged.state_dict(), strict=True)

@@ -203,7 +203,7 @@ def run(ctx: StageContext) -> dict:
     c = ctx.cfg.quantize
     if not c.enabled:
         ctx.skip("quantize.enabled is false")
-    src = Path(ctx.input("export")) / "model.onnx"
+    src = ctx.artifact("export", "model")
     if not src.is_file():
         raise PipelineError(f"{src} not found; re-run `norm-pipeline stage export`")
     meta = json.loads((Path(ctx.input("data")) / "dataset.json").read_text())

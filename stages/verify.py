@@ -129,8 +129,8 @@ def failures(report: dict, *, fp32_rel_tol: float, fp64_rel_tol: float, min_top1
 def run(ctx: StageContext) -> dict:
     c = ctx.cfg.verify
     meta = json.loads((Path(ctx.input("data")) / "dataset.json").read_text())
-    ns, ns_meta = load_norm_student(Path(ctx.input("distill")) / "norm_student.pt")
-    merged, m_meta = load_model(Path(ctx.input("merge")) / "model.pt", "merged model")
+    ns, ns_meta = load_norm_student(ctx.artifact("distill", "norm_student"))
+    merged, m_meta = load_model(ctx.artifact("merge", "model"), "merged model")
     if (ns_meta["model"], ns_meta["num_classes"]) != (m_meta["model"], m_meta["num_classes"]):
         raise PipelineError(f"merge/model.pt holds {m_meta['model']} ({m_meta['num_classes']} classes) but "
                             f"distill/norm_student.pt holds {ns_meta['model']} ({ns_meta['num_classes']} classes); "
