@@ -79,12 +79,14 @@ def run_pipeline(cfg: PipelineConfig, run_dir: Path, *, from_stage: Optional[str
 
 def _plan_eta(runner: Runner, stages: list[str], run_eta: "eta.RunEta") -> None:
     """The run's cost plan for the ETA, once the dataset is described (no plan, no run ETA: never an error)."""
+    from stages.lib.dataset_meta import DatasetMeta
+
     rec = runner.rd.record("data")
-    meta_file = runner.rd.stage_dir("data") / "dataset.json"
+    meta_file = graph.artifact_path(runner.rd.path, "data", "dataset")
     if not rec or rec.get("status") != "done" or not meta_file.is_file():
         return
     try:
-        run_eta.plan(stages, eta.plan_flops(runner.cfg, json.loads(meta_file.read_text()), stages))
+        run_eta.plan(stages, eta.plan_flops(runner.cfg, DatasetMeta.load(meta_file).to_dict(), stages))
     except Exception as e:  # noqa: BLE001 - an estimate must never stop a run
         run_eta.plan(stages, {})  # planned as unknown: stage ETAs only, and no retry at every stage
         _log(f"(no run ETA: {type(e).__name__}: {str(e)[:120]})")

@@ -13,7 +13,6 @@ conditions (stages.lib.conditions) and flags a change during the timing.
 from __future__ import annotations
 
 import copy
-import json
 import os
 import platform
 import time
@@ -27,6 +26,7 @@ import torch
 
 from stages.lib import conditions, timing
 from stages.lib.context import StageContext
+from stages.lib.dataset_meta import DatasetMeta
 from stages.lib.errors import PipelineError
 from stages.lib.io import atomic_write_text
 
@@ -511,7 +511,7 @@ def time_cells(backends: list[Backend], inputs: dict[int, np.ndarray], c: Any, s
 
 def run(ctx: StageContext) -> dict:
     c = ctx.cfg.benchmark
-    meta = json.loads((ctx.input("data") / "dataset.json").read_text())
+    meta = DatasetMeta.load(ctx.artifact("data", "dataset")).to_dict()
     shape = (int(meta["in_chans"]), *map(int, meta["input_size"]))
     names = ["vanilla", "vanilla_b", "merged", "unmerged"] + (["teacher"] if c.include_teacher else [])
     paths = onnx_paths(ctx.input("export"), names)

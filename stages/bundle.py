@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from stages.lib.context import StageContext
+from stages.lib.dataset_meta import DatasetMeta
 from stages.lib.errors import PipelineError
 from stages.lib.edge import engine_gate, golden_spec, precision_rows, precisions_table, quantize_report, selftest_bundle
 from stages.lib.io import atomic_write_text, sha256_file
@@ -248,7 +249,7 @@ def run(ctx: StageContext) -> dict:
     src = ctx.artifact("export", "model")
     if not src.is_file():
         raise PipelineError(f"{src} not found; re-run `norm-pipeline stage export`")
-    meta = json.loads((Path(ctx.input("data")) / "dataset.json").read_text())
+    meta = DatasetMeta.load(ctx.artifact("data", "dataset")).to_dict()
     quant = quantize_report(ctx)
     bundle = ctx.out_dir / "bundle"
     if bundle.exists():

@@ -16,6 +16,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from stages.lib.context import StageContext
+from stages.lib.dataset_meta import DatasetMeta
 from stages.lib.errors import PipelineError
 
 RULE = "element fails if |a-b| > atol and |a-b| > rtol*|b| (Polygraphy)"
@@ -133,7 +134,7 @@ def run(ctx: StageContext) -> dict:
     onnx_path = ctx.artifact("export", "model")
     if not onnx_path.is_file():
         raise PipelineError(f"{onnx_path} not found; re-run `norm-pipeline stage export`")
-    meta = json.loads((Path(ctx.input("data")) / "dataset.json").read_text())
+    meta = DatasetMeta.load(ctx.artifact("data", "dataset")).to_dict()
     cache = Path(c.timing_cache) if c.timing_cache else Path(ctx.cfg.run.root) / ".trt_timing_cache"
     sidecars, not_built = {}, {}
     for prec in dict.fromkeys(c.precisions):

@@ -22,6 +22,7 @@ from models.registry import create_model
 from stages.lib import onnx_utils
 from stages.lib.checkpoints import load_model, load_norm_student
 from stages.lib.context import StageContext
+from stages.lib.dataset_meta import DatasetMeta
 from stages.lib.datasets import val_batches
 from stages.lib.errors import PipelineError
 from stages.lib.io import sha256_file
@@ -129,7 +130,7 @@ def run(ctx: StageContext) -> dict:
     import onnx
 
     c = ctx.cfg.export
-    meta = json.loads((Path(ctx.input("data")) / "dataset.json").read_text())
+    meta = DatasetMeta.load(ctx.artifact("data", "dataset")).to_dict()
     models = load_models(ctx)
     for kind, m in models.items():
         if m["in_chans"] != meta["in_chans"]:
