@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 from pipeline import __version__, graph
 from pipeline.rundir import RunDir
+from stages.lib.accuracy import accuracy_summary
 from stages.lib.io import atomic_write_text
 
 REPORT, SUMMARY = "report.html", "summary.json"
@@ -124,9 +125,7 @@ def _pick(d: dict, keys: tuple[str, ...]) -> dict:
 def build_summary(run: Run) -> dict:
     """The key figures for machines; every value comes from a record or a stage's JSON artifact."""
     m = run.metrics
-    acc = {"teacher_top1": m("teacher").get("top1"), "baseline_ce_top1": m("baseline").get("ce_top1"),
-           "baseline_kd_top1": m("baseline").get("kd_top1"), "norm_top1": m("distill").get("top1"),
-           "norm_best_top1": m("distill").get("best_top1"), "merged_top1": m("verify").get("merged_top1")}
+    acc = accuracy_summary(m)
     base = acc["baseline_ce_top1"]
     deltas = {f"{k[:-5]}_vs_baseline_ce_pts": _pts(acc[k], base)
               for k in ("teacher_top1", "baseline_kd_top1", "norm_top1", "merged_top1")}

@@ -191,15 +191,15 @@ def print_results(runner: Runner, results: list[StageResult]) -> None:
 
 
 def accuracy_summary(runner: Runner) -> dict[str, float]:
-    """Teacher / baseline / NORM / merged top-1 from the records, when present."""
-    out = {}
-    for label, stage, key in (("teacher", "teacher", "top1"), ("baseline CE", "baseline", "ce_top1"),
-                              ("baseline KD", "baseline", "kd_top1"), ("NORM", "distill", "top1"),
-                              ("merged", "verify", "merged_top1")):
+    """Teacher / baseline / NORM / merged top-1 from the records, when present, under the terminal's labels."""
+    from stages.lib import accuracy
+
+    def metrics(stage: str) -> dict:
         rec = runner.rd.record(stage)
-        if rec and rec.get("status") == "done" and rec.get("metrics", {}).get(key) is not None:
-            out[label] = float(rec["metrics"][key])
-    return out
+        return (rec.get("metrics") or {}) if rec and rec.get("status") == "done" else {}
+
+    acc = accuracy.accuracy_summary(metrics)
+    return {label: float(acc[key]) for key, label in accuracy.LABELS.items() if acc[key] is not None}
 
 
 def _write_report(runner: Runner) -> None:

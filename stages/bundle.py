@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from stages.lib.accuracy import accuracy_summary
 from stages.lib.context import StageContext
 from stages.lib.dataset_meta import DatasetMeta
 from stages.lib.errors import PipelineError
@@ -59,10 +60,10 @@ def preprocessing(meta: dict) -> dict:
 
 def accuracies(ctx: StageContext) -> dict:
     """Figures from the upstream records (absent stages are left out)."""
-    m = ctx.input_metrics
-    out = {"teacher_top1": m("teacher").get("top1"), "baseline_ce_top1": m("baseline").get("ce_top1"),
-           "baseline_kd_top1": m("baseline").get("kd_top1"), "distill_top1": m("distill").get("top1"),
-           "distill_best_top1": m("distill").get("best_top1"), "verify": m("verify") or None,
+    m, acc = ctx.input_metrics, accuracy_summary(ctx.input_metrics)
+    out = {"teacher_top1": acc["teacher_top1"], "baseline_ce_top1": acc["baseline_ce_top1"],
+           "baseline_kd_top1": acc["baseline_kd_top1"], "distill_top1": acc["norm_top1"],  # the manifest's names
+           "distill_best_top1": acc["norm_best_top1"], "verify": m("verify") or None,
            "export": {k: v for k, v in m("export").items() if not k.endswith("_bytes")} or None,
            "engine": {k: v for k, v in m("engine").items() if k.endswith(("top1", "agreement", "diff", "_ok"))} or None}
     return {k: v for k, v in out.items() if v is not None}

@@ -1,0 +1,24 @@
+"""The one summary of the run's validation accuracies: teacher, baselines, NORM, merged (top-1, 0..1).
+
+Read from the stage records' metrics, so the terminal table (pipeline/session.py), summary.json and the report
+(pipeline/report.py) and the bundle's manifest (stages/bundle.py) show the same figures under the same rules.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+# (summary key, stage, metric in that stage's record)
+TOP1: tuple[tuple[str, str, str], ...] = (
+    ("teacher_top1", "teacher", "top1"), ("baseline_ce_top1", "baseline", "ce_top1"),
+    ("baseline_kd_top1", "baseline", "kd_top1"), ("norm_top1", "distill", "top1"),
+    ("norm_best_top1", "distill", "best_top1"), ("merged_top1", "verify", "merged_top1"))
+# the terminal's names for the figures it prints (the best-epoch figure is left to the report)
+LABELS = {"teacher_top1": "teacher", "baseline_ce_top1": "baseline CE", "baseline_kd_top1": "baseline KD",
+          "norm_top1": "NORM", "merged_top1": "merged"}
+
+
+def accuracy_summary(metrics: Callable[[str], dict]) -> dict[str, Optional[float]]:
+    """Every key of ``TOP1``, None where the stage has not finished or did not measure it.
+
+    ``metrics(stage)``: the metrics of a finished stage, ``{}`` for one that is missing or skipped."""
+    return {key: (metrics(stage) or {}).get(metric) for key, stage, metric in TOP1}
