@@ -50,7 +50,7 @@ def build_run(run_dir: Path, size_mb: int) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
         skipped = spec.name == "engine"  # as on a machine without TensorRT
         if not skipped:
-            for out in spec.outputs:
+            for out in spec.outputs.values():
                 path = folder / out.rstrip("/")
                 if out.endswith("/"):
                     path.mkdir(exist_ok=True)

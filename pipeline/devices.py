@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from pipeline.graph import artifact_path
 from stages.lib.errors import PipelineError
 from stages.lib.io import atomic_write_text
 
@@ -21,7 +22,7 @@ FOLDER = "devices"
 
 
 def _bundle_manifest(run_dir: Path) -> dict:
-    path = run_dir / "bundle" / "bundle" / "manifest.json"
+    path = artifact_path(run_dir, "bundle", "bundle") / "manifest.json"
     if not path.is_file():
         raise PipelineError(f"{run_dir} has no bundle (no {path.relative_to(run_dir)}); ingest device reports into the "
                             "run directory that made the bundle (--run-dir), or run `norm-pipeline stage bundle` first")

@@ -15,13 +15,14 @@ from typing import Any, Optional
 
 from pipeline import __version__, graph
 from pipeline.rundir import RunDir
+from stages.lib.accuracy import accuracy_summary
 from stages.lib.io import atomic_write_text
 
 REPORT, SUMMARY = "report.html", "summary.json"
 OWNER = {"student": "distill", "run": "teacher"}  # config section -> the stage whose record shows it
-# (label, stage, history file inside the run directory)
-HISTORIES = (("teacher", "teacher", "teacher/history.csv"), ("baseline CE", "baseline", "baseline/ce/history.csv"),
-             ("baseline KD", "baseline", "baseline/kd/history.csv"), ("NORM student", "distill", "distill/history.csv"))
+# (label, stage, the stage's named history output in pipeline/graph.py)
+HISTORIES = (("teacher", "teacher", "history"), ("baseline CE", "baseline", "ce_history"),
+             ("baseline KD", "baseline", "kd_history"), ("NORM student", "distill", "history"))
 
 
 @dataclass
@@ -54,9 +55,13 @@ class Run:
     def metrics(self, stage: str) -> dict:
         return dict(self.records[stage].get("metrics") or {}) if self.done(stage) else {}
 
-    def artifact(self, stage: str, rel: str) -> Optional[dict]:
-        """A JSON file written by a finished stage, or None."""
-        p = self.path / stage / rel
+    def artifact_path(self, stage: str, name: str) -> Path:
+        """Where the named output of ``stage`` (``outputs`` in pipeline/graph.py) lies in this run."""
+        return graph.artifact_path(self.path, stage, name)
+
+    def artifact(self, stage: str, name: str, inside: str = "") -> Optional[dict]:
+        """The JSON output ``name`` of a finished stage (``inside``: a file in a folder output), or None."""
+        p = self.artifact_path(stage, name) / inside if inside else self.artifact_path(stage, name)
         if not self.done(stage) or not p.is_file():
             return None
         try:
@@ -91,8 +96,8 @@ class Run:
 
     def histories(self) -> dict[str, list[dict]]:
         out = {}
-        for label, stage, rel in HISTORIES:
-            p = self.path / rel
+        for label, stage, name in HISTORIES:
+            p = self.artifact_path(stage, name)
             if self.done(stage) and p.is_file():
                 with open(p, newline="") as f:
                     rows = [{k: _num(v) for k, v in r.items()} for r in csv.DictReader(f)]
@@ -120,13 +125,11 @@ def _pick(d: dict, keys: tuple[str, ...]) -> dict:
 def build_summary(run: Run) -> dict:
     """The key figures for machines; every value comes from a record or a stage's JSON artifact."""
     m = run.metrics
-    acc = {"teacher_top1": m("teacher").get("top1"), "baseline_ce_top1": m("baseline").get("ce_top1"),
-           "baseline_kd_top1": m("baseline").get("kd_top1"), "norm_top1": m("distill").get("top1"),
-           "norm_best_top1": m("distill").get("best_top1"), "merged_top1": m("verify").get("merged_top1")}
+    acc = accuracy_summary(m)
     base = acc["baseline_ce_top1"]
     deltas = {f"{k[:-5]}_vs_baseline_ce_pts": _pts(acc[k], base)
               for k in ("teacher_top1", "baseline_kd_top1", "norm_top1", "merged_top1")}
-    vjson = run.artifact("verify", "verify.json") or {}
+    vjson = run.artifact("verify", "verify") or {}
     verify = _pick(m("verify"), ("fp32_max_abs_diff", "fp32_max_rel_diff", "fp64_max_rel_diff", "fp64_stored_max_rel_diff",
                                   "top1_agreement", "params_equal", "flops_equal", "params", "flops"))
     verify["passed"] = vjson.get("passed") if vjson else None
@@ -139,9 +142,8 @@ def build_summary(run: Run) -> dict:
                                      "verdict_batch", "verdict_clock", "verdict_rounds", "verdict_seconds",
                                      "conditions_changed", "structure_identical"))
     b = m("bundle")
-    bundle_dir = run.path / "bundle"
-    bundle = {"path": str(bundle_dir / "bundle") if run.done("bundle") else None,
-              "tar": str(bundle_dir / "bundle.tar.gz") if b.get("tar_sha256") else None,
+    bundle = {"path": str(run.artifact_path("bundle", "bundle")) if run.done("bundle") else None,
+              "tar": str(run.artifact_path("bundle", "tar")) if b.get("tar_sha256") else None,
               **_pick(b, ("tar_sha256", "tar_bytes", "files", "bundle_bytes", "engines"))}
     cost = latency.get("verdict")
     from pipeline.seeds import seed_summary

@@ -9,7 +9,7 @@ from pipeline.report import Run, fmt_pct
 
 def quantize_section(run: Run) -> Optional[dict]:
     """fp32 / fp16 / INT8 on the validation set, the gate's decision and the INT8 CPU speed-up per batch."""
-    q = run.artifact("quantize", "quantize.json")
+    q = run.artifact("quantize", "quantize")
     if not q:
         return None
     rows = []

@@ -174,6 +174,7 @@ class Runner:
             if full is None or isinstance(e, PipelineError):
                 raise
             raise disk_full(full.filename or work, full) from None
+        check_outputs(spec, self.cfg, work)
         marker.unlink(missing_ok=True)
         record.update(status="done", metrics=metrics, finished=_now(), duration_s=time.perf_counter() - t0)
         self.rd.commit(name, record)
@@ -182,6 +183,15 @@ class Runner:
 
     def save_config(self) -> None:
         atomic_write_text(self.rd.path / "config.yaml", dump_config(self.cfg))
+
+
+def check_outputs(spec: StageSpec, cfg: PipelineConfig, folder: Path) -> None:
+    """A stage that returned without writing a declared (required) output fails here, before it is recorded."""
+    for name, rel in spec.required_outputs(cfg).items():
+        path = folder / rel.rstrip("/")
+        if not (path.is_dir() if rel.endswith("/") else path.is_file()):
+            raise PipelineError(f"stage {spec.name!r} finished without writing its output {name!r} ({rel}); "
+                                "the stage's code and its declaration in pipeline/graph.py disagree")
 
 
 def select(from_stage: Optional[str], to_stage: Optional[str]) -> list[str]:

@@ -79,12 +79,14 @@ def run_pipeline(cfg: PipelineConfig, run_dir: Path, *, from_stage: Optional[str
 
 def _plan_eta(runner: Runner, stages: list[str], run_eta: "eta.RunEta") -> None:
     """The run's cost plan for the ETA, once the dataset is described (no plan, no run ETA: never an error)."""
+    from stages.lib.dataset_meta import DatasetMeta
+
     rec = runner.rd.record("data")
-    meta_file = runner.rd.stage_dir("data") / "dataset.json"
+    meta_file = graph.artifact_path(runner.rd.path, "data", "dataset")
     if not rec or rec.get("status") != "done" or not meta_file.is_file():
         return
     try:
-        run_eta.plan(stages, eta.plan_flops(runner.cfg, json.loads(meta_file.read_text()), stages))
+        run_eta.plan(stages, eta.plan_flops(runner.cfg, DatasetMeta.load(meta_file).to_dict(), stages))
     except Exception as e:  # noqa: BLE001 - an estimate must never stop a run
         run_eta.plan(stages, {})  # planned as unknown: stage ETAs only, and no retry at every stage
         _log(f"(no run ETA: {type(e).__name__}: {str(e)[:120]})")
@@ -189,15 +191,15 @@ def print_results(runner: Runner, results: list[StageResult]) -> None:
 
 
 def accuracy_summary(runner: Runner) -> dict[str, float]:
-    """Teacher / baseline / NORM / merged top-1 from the records, when present."""
-    out = {}
-    for label, stage, key in (("teacher", "teacher", "top1"), ("baseline CE", "baseline", "ce_top1"),
-                              ("baseline KD", "baseline", "kd_top1"), ("NORM", "distill", "top1"),
-                              ("merged", "verify", "merged_top1")):
+    """Teacher / baseline / NORM / merged top-1 from the records, when present, under the terminal's labels."""
+    from stages.lib import accuracy
+
+    def metrics(stage: str) -> dict:
         rec = runner.rd.record(stage)
-        if rec and rec.get("status") == "done" and rec.get("metrics", {}).get(key) is not None:
-            out[label] = float(rec["metrics"][key])
-    return out
+        return (rec.get("metrics") or {}) if rec and rec.get("status") == "done" else {}
+
+    acc = accuracy.accuracy_summary(metrics)
+    return {label: float(acc[key]) for key, label in accuracy.LABELS.items() if acc[key] is not None}
 
 
 def _write_report(runner: Runner) -> None:
@@ -238,5 +240,5 @@ def print_stage_list() -> None:
         table.add_column(col)
     for s in graph.STAGES:
         reads = ", ".join(list(s.inputs) + [f"{o} (optional)" for o in s.optional_inputs]) or "-"
-        table.add_row(s.name, reads, ", ".join(s.outputs), ", ".join(s.config), s.help)
+        table.add_row(s.name, reads, s.describe_outputs(), ", ".join(s.config), s.help)
     console.print(table)

@@ -23,7 +23,7 @@ def run(ctx: StageContext) -> dict:
         student = T.build(name, p.meta, "student.model")
         teacher = None
         if method == "kd":
-            teacher, _ = load_model(ctx.input("teacher") / "model.pt", "teacher checkpoint")
+            teacher, _ = load_model(ctx.artifact("teacher", "model"), "teacher checkpoint")
             teacher.to(p.device).eval().requires_grad_(False)
             if resolve_channels_last(c.channels_last, p.device, resolve_amp(c.amp, p.device).dtype).channels_last:
                 teacher.to(memory_format=torch.channels_last)  # the student's layout (fit() resolves the same)

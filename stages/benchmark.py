@@ -16,7 +16,6 @@ in stages.lib.latency_verdict, latency.md and latency.png in stages.lib.latency_
 from __future__ import annotations
 
 import copy
-import json
 import os
 import platform
 from collections import Counter
@@ -28,6 +27,7 @@ import torch
 
 from stages.lib import timing
 from stages.lib.context import StageContext
+from stages.lib.dataset_meta import DatasetMeta
 from stages.lib.errors import PipelineError
 from stages.lib.io import atomic_write_text
 from stages.lib.latency import ort_backend, tensorrt_backend, time_cells, torch_backend
@@ -44,17 +44,17 @@ def load_torch_models(ctx: StageContext, include_teacher: bool) -> dict[str, tor
     from models.registry import create_model
     from stages.lib.checkpoints import load_model, load_norm_student
 
-    merged, meta = load_model(ctx.input("merge") / "model.pt", "merged student")
+    merged, meta = load_model(ctx.artifact("merge", "model"), "merged student")
     models: dict[str, torch.nn.Module] = {}
     for name in ("vanilla", "vanilla_b"):
         fresh = create_model(meta["model"], num_classes=meta["num_classes"], in_chans=meta["in_chans"])
         fresh.load_state_dict(merged.state_dict(), strict=True)
         models[name] = fresh.eval()
     models["merged"] = merged
-    ns, _ = load_norm_student(ctx.input("distill") / "norm_student.pt")
+    ns, _ = load_norm_student(ctx.artifact("distill", "norm_student"))
     models["unmerged"] = LogitsOnly(ns).eval()
     if include_teacher:
-        models["teacher"] = load_model(ctx.input("teacher") / "model.pt", "teacher")[0]
+        models["teacher"] = load_model(ctx.artifact("teacher", "model"), "teacher")[0]
     return models
 
 
@@ -140,7 +140,7 @@ def environment(default_threads: int) -> dict:
 
 def run(ctx: StageContext) -> dict:
     c = ctx.cfg.benchmark
-    meta = json.loads((ctx.input("data") / "dataset.json").read_text())
+    meta = DatasetMeta.load(ctx.artifact("data", "dataset")).to_dict()
     shape = (int(meta["in_chans"]), *map(int, meta["input_size"]))
     names = ["vanilla", "vanilla_b", "merged", "unmerged"] + (["teacher"] if c.include_teacher else [])
     paths = onnx_paths(ctx.input("export"), names)

@@ -18,7 +18,9 @@ from typing import Any
 
 import numpy as np
 
+from stages.lib.accuracy import manifest_accuracies
 from stages.lib.context import StageContext
+from stages.lib.dataset_meta import DatasetMeta
 from stages.lib.errors import PipelineError
 from stages.lib.bundle_check import UNLISTED, integrity_errors, verify_bundle
 from stages.lib.edge import engine_gate, golden_spec, precision_rows, precisions_table, quantize_report
@@ -51,17 +53,6 @@ def preprocessing(meta: dict) -> dict:
     if meta["dataset"] == "imagefolder":
         pp.update(resize="shorter_side_center_crop", resize_shorter=int(round(h * 256 / 224)))
     return pp
-
-
-def accuracies(ctx: StageContext) -> dict:
-    """Figures from the upstream records (absent stages are left out)."""
-    m = ctx.input_metrics
-    out = {"teacher_top1": m("teacher").get("top1"), "baseline_ce_top1": m("baseline").get("ce_top1"),
-           "baseline_kd_top1": m("baseline").get("kd_top1"), "distill_top1": m("distill").get("top1"),
-           "distill_best_top1": m("distill").get("best_top1"), "verify": m("verify") or None,
-           "export": {k: v for k, v in m("export").items() if not k.endswith("_bytes")} or None,
-           "engine": {k: v for k, v in m("engine").items() if k.endswith(("top1", "agreement", "diff", "_ok"))} or None}
-    return {k: v for k, v in out.items() if v is not None}
 
 
 def copy_engines(ctx: StageContext, bundle: Path) -> list[dict]:
@@ -102,7 +93,7 @@ def latency_table(ctx: StageContext) -> Any:
     """benchmark.json when the benchmark stage ran (its summary metrics if the file is large)."""
     if "benchmark" not in ctx.inputs:
         return None
-    path = Path(ctx.inputs["benchmark"]) / "benchmark.json"
+    path = ctx.artifact("benchmark", "benchmark")
     if path.is_file() and path.stat().st_size < 256_000:
         return json.loads(path.read_text())
     return ctx.input_metrics("benchmark") or None
@@ -135,7 +126,7 @@ def build_manifest(ctx: StageContext, meta: dict, props: dict, inp: dict, out: d
                   "profile": shapes},
         "output": {"name": out["name"], "shape": ["batch", *out["shape"][1:]], "dtype": out["dtype"],
                    "meaning": "logits (softmax gives class probabilities)"},
-        "preprocessing": preprocessing(meta), "classes": list(meta["classes"]), "accuracy": accuracies(ctx),
+        "preprocessing": preprocessing(meta), "classes": list(meta["classes"]), "accuracy": manifest_accuracies(ctx.input_metrics),
         "fp16_onnx_check": fp16, "latency": latency_table(ctx), "engines": engines,
         "gpu": {"name": engines[0]["gpu_name"], "compute_capability": engines[0]["compute_capability"]} if engines else None,
         "versions": versions,
@@ -226,10 +217,10 @@ def run(ctx: StageContext) -> dict:
     from stages.lib.onnx_utils import read_metadata
     from stages.lib.trt_build import onnx_io
 
-    src = Path(ctx.input("export")) / "model.onnx"
+    src = ctx.artifact("export", "model")
     if not src.is_file():
         raise PipelineError(f"{src} not found; re-run `norm-pipeline stage export`")
-    meta = json.loads((Path(ctx.input("data")) / "dataset.json").read_text())
+    meta = DatasetMeta.load(ctx.artifact("data", "dataset")).to_dict()
     quant = quantize_report(ctx)
     bundle = ctx.out_dir / "bundle"
     if bundle.exists():
@@ -240,7 +231,7 @@ def run(ctx: StageContext) -> dict:
     ship16 = ctx.cfg.bundle.fp16_onnx and (quant is None or quant["precisions"]["fp16"]["shipped"])
     fp16 = fp16_onnx(bundle / "model.onnx", bundle / "model_fp16.onnx", first_images(meta, 64)) if ship16 else None
     if quant is not None and quant["precisions"]["int8"]["shipped"]:
-        shutil.copyfile(Path(ctx.inputs["quantize"]) / "model_int8.onnx", bundle / "model_int8.onnx")
+        shutil.copyfile(ctx.artifact("quantize", "int8"), bundle / "model_int8.onnx")
     engines = copy_engines(ctx, bundle)
     for name in RUNNERS:
         (bundle / name).write_text(bundle_file(name), encoding="utf-8")

@@ -19,7 +19,7 @@ def run(ctx: StageContext) -> dict:
     c = ctx.cfg.distill
     name = ctx.cfg.student.model
     p = T.prepare(ctx, c, ctx.cfg.student.seed)
-    teacher, tmeta = load_model(ctx.input("teacher") / "model.pt", "teacher checkpoint")
+    teacher, tmeta = load_model(ctx.artifact("teacher", "model"), "teacher checkpoint")
     teacher.to(p.device).eval().requires_grad_(False)
     if resolve_channels_last(c.channels_last, p.device, resolve_amp(c.amp, p.device).dtype).channels_last:
         teacher.to(memory_format=torch.channels_last)  # the same layout as the student fit() trains

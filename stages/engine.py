@@ -16,6 +16,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from stages.lib.context import StageContext
+from stages.lib.dataset_meta import DatasetMeta
 from stages.lib.errors import PipelineError
 
 RULE = "element fails if |a-b| > atol and |a-b| > rtol*|b| (Polygraphy)"
@@ -27,7 +28,7 @@ def int8_source(ctx: StageContext) -> Path | str:
     """quantize/model_int8.onnx when the quantize stage shipped it, else why there is no int8 engine."""
     if "quantize" not in ctx.inputs:
         return "the quantize stage did not run (it makes the Q/DQ ONNX TensorRT builds INT8 from)"
-    q = json.loads((Path(ctx.inputs["quantize"]) / "quantize.json").read_text())
+    q = json.loads(ctx.artifact("quantize", "quantize").read_text())
     int8 = q["precisions"]["int8"]
     ref = int8.get("qdq_reference") or int8  # TensorRT implements the Q/DQ arithmetic, not onnxruntime's CPU kernels
     if not ref["shipped"]:
@@ -121,10 +122,10 @@ def run(ctx: StageContext) -> dict:
     if not ok:
         ctx.skip(reason)
     c = ctx.cfg.engine
-    onnx_path = Path(ctx.input("export")) / "model.onnx"
+    onnx_path = ctx.artifact("export", "model")
     if not onnx_path.is_file():
         raise PipelineError(f"{onnx_path} not found; re-run `norm-pipeline stage export`")
-    meta = json.loads((Path(ctx.input("data")) / "dataset.json").read_text())
+    meta = DatasetMeta.load(ctx.artifact("data", "dataset")).to_dict()
     cache = Path(c.timing_cache) if c.timing_cache else Path(ctx.cfg.run.root) / ".trt_timing_cache"
     sidecars, not_built = {}, {}
     for prec in dict.fromkeys(c.precisions):

@@ -22,6 +22,7 @@ from models.registry import create_model
 from stages.lib import onnx_utils
 from stages.lib.checkpoints import load_model, load_norm_student
 from stages.lib.context import StageContext
+from stages.lib.dataset_meta import DatasetMeta
 from stages.lib.datasets import val_batches
 from stages.lib.errors import PipelineError
 from stages.lib.io import sha256_file
@@ -45,9 +46,9 @@ def package_version() -> str:
 
 def load_models(ctx: StageContext) -> dict[str, dict]:
     """kind -> {"model": CPU float32 module in eval mode, "name", "source" file, "in_chans"}."""
-    merge_pt = Path(ctx.input("merge")) / "model.pt"
-    distill_pt = Path(ctx.input("distill")) / "norm_student.pt"
-    teacher_pt = Path(ctx.input("teacher")) / "model.pt"
+    merge_pt = ctx.artifact("merge", "model")
+    distill_pt = ctx.artifact("distill", "norm_student")
+    teacher_pt = ctx.artifact("teacher", "model")
     merged, m_meta = load_model(merge_pt, "merged model")
     vanilla = create_model(m_meta["model"], num_classes=m_meta["num_classes"], in_chans=m_meta["in_chans"])
     vanilla.load_state_dict(merged.state_dict(), strict=True)
@@ -129,7 +130,7 @@ def run(ctx: StageContext) -> dict:
     import onnx
 
     c = ctx.cfg.export
-    meta = json.loads((Path(ctx.input("data")) / "dataset.json").read_text())
+    meta = DatasetMeta.load(ctx.artifact("data", "dataset")).to_dict()
     models = load_models(ctx)
     for kind, m in models.items():
         if m["in_chans"] != meta["in_chans"]:

@@ -6,8 +6,6 @@ the result as an ordinary vanilla checkpoint (``model.pt``, loadable with ``load
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch.nn as nn
 
 from models.merge import find_first_linear, merge_norm_student
@@ -29,7 +27,7 @@ def module_name(root: nn.Module, target: nn.Module) -> str:
 
 
 def run(ctx: StageContext) -> dict:
-    src = Path(ctx.input("distill")) / "norm_student.pt"
+    src = ctx.artifact("distill", "norm_student")
     ns, meta = load_norm_student(src)
     ns.eval()
     name, num_classes, in_chans = meta["model"], int(meta["num_classes"]), int(meta["in_chans"])
@@ -57,7 +55,7 @@ def run(ctx: StageContext) -> dict:
         "params": {"unmerged": unmerged_params, "merged": params, "ft_removed": unmerged_params - params,
                    "vanilla": count_params(fresh)},
         "state_dict_matches_vanilla": keys_equal,
-        "source": {"file": "distill/norm_student.pt", "sha256": sha256_file(src)},
+        "source": {"file": f"distill/{src.name}", "sha256": sha256_file(src)},
     }
     ctx.write_json("merge.json", info)
     if not keys_equal:

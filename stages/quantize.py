@@ -16,7 +16,6 @@ is ``faster``, ``slower`` or ``inconclusive``.
 """
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from collections import Counter
@@ -27,6 +26,7 @@ import numpy as np
 
 from stages.lib import timing
 from stages.lib.context import StageContext
+from stages.lib.dataset_meta import DatasetMeta
 from stages.lib.errors import PipelineError
 from stages.lib.io import atomic_write_bytes
 from stages.lib.latency_verdict import speed_verdict
@@ -192,10 +192,10 @@ def run(ctx: StageContext) -> dict:
     c = ctx.cfg.quantize
     if not c.enabled:
         ctx.skip("quantize.enabled is false")
-    src = Path(ctx.input("export")) / "model.onnx"
+    src = ctx.artifact("export", "model")
     if not src.is_file():
         raise PipelineError(f"{src} not found; re-run `norm-pipeline stage export`")
-    meta = json.loads((Path(ctx.input("data")) / "dataset.json").read_text())
+    meta = DatasetMeta.load(ctx.artifact("data", "dataset")).to_dict()
     calib, calib_info = calibration_slice(meta, c.calibration_samples, ctx.cfg.run.seed)
     ctx.log(f"quantizing to INT8 (Q/DQ, per-channel, {c.calibration_method} calibration on {len(calib)} training images)")
     int8 = quantize_int8(src, ctx.out_dir / "model_int8.onnx", calib, method=c.calibration_method)

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
-from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
 import torch
@@ -28,6 +26,7 @@ from models.norm import LogitsOnly
 from models.registry import create_model
 from stages.lib.checkpoints import load_model, load_norm_student
 from stages.lib.context import StageContext
+from stages.lib.dataset_meta import DatasetMeta
 from stages.lib.datasets import val_batches
 from stages.lib.errors import PipelineError
 from stages.lib.flops import count_flops, count_params
@@ -105,9 +104,9 @@ def structure(merged: nn.Module, unmerged: nn.Module, fresh: nn.Module, input_sh
 
 def run(ctx: StageContext) -> dict:
     c = ctx.cfg.verify
-    meta = json.loads((Path(ctx.input("data")) / "dataset.json").read_text())
-    ns, ns_meta = load_norm_student(Path(ctx.input("distill")) / "norm_student.pt")
-    merged, m_meta = load_model(Path(ctx.input("merge")) / "model.pt", "merged model")
+    meta = DatasetMeta.load(ctx.artifact("data", "dataset")).to_dict()
+    ns, ns_meta = load_norm_student(ctx.artifact("distill", "norm_student"))
+    merged, m_meta = load_model(ctx.artifact("merge", "model"), "merged model")
     if (ns_meta["model"], ns_meta["num_classes"]) != (m_meta["model"], m_meta["num_classes"]):
         raise PipelineError(f"merge/model.pt holds {m_meta['model']} ({m_meta['num_classes']} classes) but "
                             f"distill/norm_student.pt holds {ns_meta['model']} ({ns_meta['num_classes']} classes); "

@@ -59,6 +59,20 @@ class StageContext:
                 f"stage {self.name!r} needs the output of stage {stage!r}; run `norm-pipeline stage {stage}` first"
             ) from None
 
+    def artifact(self, stage: str, name: str) -> Path:
+        """The path of output ``name`` of input stage ``stage`` (names: ``outputs`` in pipeline/graph.py).
+
+        A clear error if ``stage`` is not an input of this stage (or has not run) or declares no such output.
+        Conditional outputs (e.g. baseline's ``kd``) may be absent: the caller checks ``is_file()`` where so."""
+        from pipeline.graph import BY_NAME, get
+
+        me = BY_NAME.get(self.name)
+        if me is not None and stage not in me.inputs + me.optional_inputs:
+            raise PipelineError(f"stage {self.name!r} reads {stage}'s output {name!r} but does not declare {stage!r} "
+                                "as an input in pipeline/graph.py")
+        rel = get(stage).output(name)
+        return Path(self.input(stage)) / rel.rstrip("/")
+
     def input_metrics(self, stage: str) -> dict:
         return self.input_records.get(stage, {}).get("metrics", {})
 

@@ -6,7 +6,6 @@ the whole batch instead of per-image PIL work); image folders go through a DataL
 from __future__ import annotations
 
 import gzip
-import pickle
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
+from stages.lib.cifar import load_cifar  # noqa: F401  (datasets.load_cifar: kept importable from here)
 from stages.lib.errors import PipelineError
 
 FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
@@ -56,12 +56,14 @@ def _find(root: Path, stem: str) -> Path:
                         "or install it: apt-get install dataset-fashion-mnist")
 
 
-def load_fashion_mnist(root: Path) -> dict:
+def load_fashion_mnist(root: Path, splits: tuple[str, ...] = ("train", "val")) -> dict:
     root = Path(root)
     if not root.is_dir():
         raise PipelineError(f"dataset root {root} does not exist; install it (apt-get install dataset-fashion-mnist) or set data.root")
     out = {}
     for split, prefix in (("train", "train"), ("val", "t10k")):
+        if split not in splits:
+            continue
         img_path, lbl_path = _find(root, f"{prefix}-images-idx3-ubyte"), _find(root, f"{prefix}-labels-idx1-ubyte")
         images, labels = read_idx(img_path), read_idx(lbl_path)
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
@@ -69,54 +71,6 @@ def load_fashion_mnist(root: Path) -> dict:
         out[split] = (torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64)))
         out[f"{split}_files"] = [img_path, lbl_path]
     out["classes"] = list(FASHION_MNIST_CLASSES)
-    return out
-
-
-class _NumpyOnlyUnpickler(pickle.Unpickler):
-    """CIFAR's python batches are pickles: allow numpy arrays and builtins only, never arbitrary code."""
-
-    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-                ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
-                ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}
-
-    def find_class(self, module: str, name: str):
-        if (module, name) in self._ALLOWED:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a dataset file")
-
-
-def _unpickle(path: Path) -> dict:
-    try:
-        with open(path, "rb") as f:
-            return _NumpyOnlyUnpickler(f, encoding="latin1").load()
-    except (OSError, pickle.UnpicklingError, EOFError, ValueError) as e:
-        raise PipelineError(f"corrupt CIFAR batch {path}: {e}") from None
-
-
-def load_cifar(root: Path, num_classes: int, download: bool = False) -> dict:
-    folder = Path(root) / ("cifar-10-batches-py" if num_classes == 10 else "cifar-100-python")
-    if not folder.is_dir() and download:
-        from torchvision.datasets import CIFAR10, CIFAR100
-
-        (CIFAR10 if num_classes == 10 else CIFAR100)(str(root), train=True, download=True)
-    if not folder.is_dir():
-        raise PipelineError(f"CIFAR-{num_classes} not found: expected {folder} (torchvision layout); "
-                            "set data.root, or data.download=true on a machine with internet")
-    if num_classes == 10:
-        train_files, val_files, meta_file, label_key, names_key = (
-            [folder / f"data_batch_{i}" for i in range(1, 6)], [folder / "test_batch"], folder / "batches.meta", "labels", "label_names")
-    else:
-        train_files, val_files, meta_file, label_key, names_key = (
-            [folder / "train"], [folder / "test"], folder / "meta", "fine_labels", "fine_label_names")
-    out: dict = {"classes": list(_unpickle(meta_file)[names_key])}
-    for split, files in (("train", train_files), ("val", val_files)):
-        xs, ys = [], []
-        for f in files:
-            d = _unpickle(f)
-            xs.append(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-            ys.append(np.asarray(d[label_key], dtype=np.int64))
-        out[split] = (torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys)))
-        out[f"{split}_files"] = files
     return out
 
 
@@ -293,8 +247,9 @@ def _subset(x: torch.Tensor, y: torch.Tensor, limit: Optional[int]) -> tuple[tor
 
 
 # ----------------------------------------------------------------------------- the data stage's meta
-def load_raw(dataset: str, root: Optional[Path], download: bool = False) -> dict:
-    """In-memory datasets as {"train": (x, y), "val": (x, y), "classes", "*_files"}.
+def load_raw(dataset: str, root: Optional[Path], download: bool = False, splits: tuple[str, ...] = ("train", "val")) -> dict:
+    """In-memory datasets as {"train": (x, y), "val": (x, y), "classes", "*_files"}; ``splits``: the ones to read
+    (``("val",)`` never opens the training files).
 
     One process runs several stages that each need the dataset (data, teacher, baseline, distill, verify,
     export): the decoded tensors are kept and handed out again while the source files are unchanged (same
@@ -302,11 +257,12 @@ def load_raw(dataset: str, root: Optional[Path], download: bool = False) -> dict
     """
     if dataset == "fashion_mnist":
         root = Path(root) if root else FASHION_MNIST_ROOT
-        return _cached(("fashion_mnist", str(root)), lambda: load_fashion_mnist(root))
+        return _cached(("fashion_mnist", str(root)), splits, lambda: load_fashion_mnist(root, splits))
     if dataset in ("cifar10", "cifar100"):
         if root is None:
             raise PipelineError(f"{dataset} needs data.root (the folder that holds the torchvision-layout CIFAR files)")
-        return _cached((dataset, str(root)), lambda: load_cifar(Path(root), 10 if dataset == "cifar10" else 100, download))
+        n = 10 if dataset == "cifar10" else 100
+        return _cached((dataset, str(root)), splits, lambda: load_cifar(Path(root), n, download, splits))
     raise PipelineError(f"dataset {dataset!r} is not an in-memory dataset")
 
 
@@ -320,19 +276,23 @@ def _stamp(files: list) -> tuple:
     return tuple((str(f), sha256_file(f)) for f in files)
 
 
-def _cached(key: tuple, load) -> dict:
-    """The last decoded copy of ``key`` while its files' contents are unchanged, else a fresh load."""
+def _files(raw: dict) -> list:
+    return raw.get("train_files", []) + raw.get("val_files", [])
+
+
+def _cached(key: tuple, splits: tuple[str, ...], load) -> dict:
+    """The last decoded copy of ``key`` (holding ``splits``) while its files' contents are unchanged, else a fresh load."""
     hit = _RAW_CACHE.get(key)
     if hit is not None:
         stamp, raw = hit
         try:
-            if _stamp(raw["train_files"] + raw["val_files"]) == stamp:
+            if all(s in raw for s in splits) and _stamp(_files(raw)) == stamp:
                 return dict(raw)
         except OSError:
             pass
     raw = load()
     _RAW_CACHE.clear()  # keep one dataset: the 60k Fashion-MNIST images are 47 MB
-    _RAW_CACHE[key] = (_stamp(raw["train_files"] + raw["val_files"]), raw)
+    _RAW_CACHE[key] = (_stamp(_files(raw)), raw)
     return dict(raw)
 
 
@@ -343,20 +303,26 @@ def channel_stats(x_uint8: torch.Tensor) -> tuple[list[float], list[float]]:
 
 
 def make_splits(meta: dict, *, batch_size: int, eval_batch_size: int, device: str = "cpu", rank: int = 0,
-                world_size: int = 1, seed: int = 0, num_workers: int = 0, shard_val: bool = False):
-    """(train, val) splits from the data stage's ``dataset.json``; train shuffles and augments."""
+                world_size: int = 1, seed: int = 0, num_workers: int = 0, shard_val: bool = False, val_only: bool = False):
+    """(train, val) splits from the data stage's ``dataset.json``; train shuffles and augments.
+    ``val_only``: (None, val), without reading (or listing) a single training file."""
     if meta["dataset"] == "imagefolder":
-        return _image_folder_splits(meta, batch_size, eval_batch_size, device, rank, world_size, seed, num_workers, shard_val)
-    raw = load_raw(meta["dataset"], meta.get("root"))
+        return _image_folder_splits(meta, batch_size, eval_batch_size, device, rank, world_size, seed, num_workers,
+                                    shard_val, val_only)
+    raw = load_raw(meta["dataset"], meta.get("root"), splits=("val",) if val_only else ("train", "val"))
     mean, std = torch.tensor(meta["mean"]), torch.tensor(meta["std"])
-    xt, yt = _subset(*raw["train"], meta.get("train_limit"))
     xv, yv = _subset(*raw["val"], meta.get("val_limit"))
     if device.startswith("cuda"):  # device-resident data: no per-batch host->device copies
-        xt, yt, xv, yv = (t.to(device) for t in (xt, yt, xv, yv))
+        xv, yv = xv.to(device), yv.to(device)
     common = dict(mean=mean, std=std, seed=seed, device=device)
-    train = TensorSplit(xt, yt, batch_size=batch_size, shuffle=True, augment=meta.get("augment", True),
-                        padding=meta.get("crop_padding", 0), hflip=meta.get("hflip", False),
-                        rank=rank, world_size=world_size, drop_last=False, **common)
+    train = None
+    if not val_only:
+        xt, yt = _subset(*raw["train"], meta.get("train_limit"))
+        if device.startswith("cuda"):
+            xt, yt = xt.to(device), yt.to(device)
+        train = TensorSplit(xt, yt, batch_size=batch_size, shuffle=True, augment=meta.get("augment", True),
+                            padding=meta.get("crop_padding", 0), hflip=meta.get("hflip", False),
+                            rank=rank, world_size=world_size, drop_last=False, **common)
     val = TensorSplit(xv, yv, batch_size=eval_batch_size, rank=rank if shard_val else 0,
                       world_size=world_size if shard_val else 1, even_shards=False, **common)
     return train, val
@@ -370,27 +336,29 @@ def image_folder_transforms(size: int, mean: list[float], std: list[float]):
     return train, val
 
 
-def _image_folder_splits(meta, batch_size, eval_batch_size, device, rank, world_size, seed, num_workers, shard_val):
+def _image_folder_splits(meta, batch_size, eval_batch_size, device, rank, world_size, seed, num_workers, shard_val,
+                         val_only=False):
     from torch.utils.data import Subset
     from torchvision.datasets import ImageFolder
 
     t_train, t_val = image_folder_transforms(meta["input_size"][0], meta["mean"], meta["std"])
     root = Path(meta["root"])
-    ds_train = ImageFolder(str(root / "train"), t_train, loader=load_image)
-    ds_val = ImageFolder(str(root / "val"), t_val, loader=load_image)
-    for ds, key in ((ds_train, "train_limit"), (ds_val, "val_limit")):
-        if meta.get(key) and meta[key] < len(ds):
-            idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(12345))[: meta[key]].tolist()
-            if key == "train_limit":
-                ds_train = Subset(ds, idx)
-            else:
-                ds_val = Subset(ds, idx)
-    train = LoaderSplit(ds_train, batch_size, True, num_workers, device, rank, world_size, seed)
+
+    def limited(split: str, transform):  # the first *_limit images of a fixed shuffle
+        ds = ImageFolder(str(root / split), transform, loader=load_image)
+        limit = meta.get(f"{split}_limit")
+        if limit and limit < len(ds):
+            ds = Subset(ds, torch.randperm(len(ds), generator=torch.Generator().manual_seed(12345))[:limit].tolist())
+        return ds
+
+    ds_val = limited("val", t_val)
+    train = None if val_only else LoaderSplit(limited("train", t_train), batch_size, True, num_workers, device, rank,
+                                              world_size, seed)
     val = LoaderSplit(ds_val, eval_batch_size, False, num_workers, device,
                       rank if shard_val else 0, world_size if shard_val else 1, seed)
     return train, val
 
 
 def val_batches(meta: dict, batch_size: int = 256, device: str = "cpu"):
-    """The validation split alone, unshuffled, for evaluation/verification/parity stages."""
-    return make_splits(meta, batch_size=1, eval_batch_size=batch_size, device=device)[1]
+    """The validation split alone, unshuffled, for evaluation/verification/parity stages (no training file is read)."""
+    return make_splits(meta, batch_size=1, eval_batch_size=batch_size, device=device, val_only=True)[1]

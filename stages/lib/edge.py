@@ -43,7 +43,7 @@ def quantize_report(ctx: StageContext) -> dict | None:
     """quantize.json when the quantize stage ran (its gates decide what ships)."""
     if "quantize" not in ctx.inputs:
         return None
-    path = Path(ctx.inputs["quantize"]) / "quantize.json"
+    path = ctx.artifact("quantize", "quantize")
     return json.loads(path.read_text()) if path.is_file() else None
 
 

@@ -28,7 +28,7 @@ def split_indices(meta: dict, split: str) -> tuple[np.ndarray, np.ndarray, np.nd
     if meta["dataset"] == "imagefolder":
         raise PipelineError("the golden self-test and INT8 calibration support the in-memory datasets "
                             "(fashion_mnist, cifar10, cifar100) only; image folders are not supported yet")
-    x, y = load_raw(meta["dataset"], meta.get("root"))[split]
+    x, y = load_raw(meta["dataset"], meta.get("root"), splits=(split,))[split]
     limit = meta.get(f"{split}_limit")
     idx = torch.arange(len(y))
     if limit is not None and limit < len(y):  # the same fixed shuffle as stages.lib.datasets._subset

@@ -339,16 +339,16 @@ def prepare(ctx, c, seed: int) -> Prepared:
     ``batch_size`` is the global batch: each of the torchrun processes takes ``batch_size / world`` of it,
     so a recipe (and a resumed run) means the same thing on 1 or N processes.
     """
-    import json
     import random
 
+    from stages.lib.dataset_meta import DatasetMeta
     from stages.lib.datasets import make_splits
 
     device = resolve_device(ctx.cfg.run.device)
     rank, world, device = dist.init(device)
     dist.release_followers({"run": True, "out_dir": str(ctx.out_dir), "force": ctx.force,
                             "inputs": {k: str(v) for k, v in ctx.inputs.items()}, "input_records": ctx.input_records})
-    meta = json.loads((ctx.input("data") / "dataset.json").read_text())
+    meta = DatasetMeta.load(ctx.artifact("data", "dataset")).to_dict()
     if c.batch_size % world:
         raise PipelineError(f"{ctx.name}.batch_size={c.batch_size} is the global batch and must be divisible by the "
                             f"{world} processes; change it or --nproc")
