@@ -302,9 +302,7 @@ def prepare(ctx, c, seed: int) -> Prepared:
     from stages.lib.datasets import make_splits
 
     device = resolve_device(ctx.cfg.run.device)
-    rank, world, device = dist.init(device)
-    dist.release_followers({"run": True, "out_dir": str(ctx.out_dir), "force": ctx.force,
-                            "inputs": {k: str(v) for k, v in ctx.inputs.items()}, "input_records": ctx.input_records})
+    rank, world, device = dist.rank(), dist.world_size(), dist.local_device(device)  # the runner started torchrun's group
     meta = json.loads((ctx.input("data") / "dataset.json").read_text())
     if c.batch_size % world:
         raise PipelineError(f"{ctx.name}.batch_size={c.batch_size} is the global batch and must be divisible by the "
