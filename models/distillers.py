@@ -50,7 +50,7 @@ class Distiller(nn.Module):
     def learnable_parameters(self) -> list[nn.Parameter]:
         return list(self.trainable.parameters())
 
-    def train(self, mode: bool = True) -> "Distiller":
+    def train(self, mode: bool = True) -> Distiller:
         super().train(mode)
         if self._teacher is not None:
             self._teacher.eval()

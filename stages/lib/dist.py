@@ -41,7 +41,7 @@ def init(device: str) -> tuple[int, int, str]:
 def local_device(device: str) -> str:
     """This process's device: under torchrun, ``cuda`` means the GPU of its local rank; otherwise ``device``."""
     if launched_by_torchrun() and device.startswith("cuda"):
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     return device
 
 

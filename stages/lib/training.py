@@ -166,10 +166,13 @@ def fit(*, distiller: nn.Module, train, val, spec: TrainSpec, out_dir: Path, dev
     val_info = ""
     with progress_display(disable=not is_main) as progress:
         epochs_task = progress.add_task(f"{label} epochs", total=spec.epochs, completed=loop.start_epoch, info="")
+
+        def show_eta() -> None:  # the last evaluation's accuracy and the ETAs on the epochs line
+            progress.update(epochs_task, info=eta_info(clock, val_info))
+
         for epoch in range(loop.start_epoch, spec.epochs):
             t0 = time.perf_counter()
-            row = _train_epoch(loop, train, epoch, clock, progress, lambda: progress.update(
-                epochs_task, info=eta_info(clock, val_info)))
+            row = _train_epoch(loop, train, epoch, clock, progress, show_eta)
             if extra_row:
                 row.update(extra_row(epoch))
             ev = _evaluate_and_save(loop, val, epoch, row, clock, t0, out_dir, is_main)

@@ -197,7 +197,6 @@ def _train(step_fn, params, steps=3):
 @pytest.mark.parametrize("kind", ["ce", "kd", "norm"])
 def test_training_through_a_distiller_gives_the_closures_weights_bit_for_bit(kind):
     teacher, student = _nets()
-    c = _norm_cfg(0.3, 2.5)
     if kind == "ce":
         d, make_ref = CE(student, logit_scale=2.5), lambda t, m: (m, old_teacher_step(2.5))
     elif kind == "kd":
