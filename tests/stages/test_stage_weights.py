@@ -53,7 +53,7 @@ def _fit(ctx, c, distiller, p):
 
 
 def _assert_same(saved_path, module):
-    state = torch.load(saved_path, weights_only=False)["state_dict"]
+    state = torch.load(saved_path, weights_only=True)["state_dict"]
     want = module.state_dict()
     assert list(state) == list(want)
     for k, v in want.items():
