@@ -25,13 +25,13 @@ REDUCED = ["data.train_limit=2000", "data.val_limit=1000"]
 # category -> (file suffix, function name) whose cumulative time is that cost; nested categories are reported as is
 CATEGORIES = {
     "training stages (fit)": ("stages/lib/training.py", "fit"),
-    "  train step: forward + loss": ("stages/lib/training.py", "<train step>"),
+    "  train step: forward + loss": ("models/distillers.py", "forward_train"),
     "  train step: backward": ("torch/_tensor.py", "backward"),
     "  train step: optimiser": ("torch/optim/optimizer.py", "wrapper"),
     "  evaluation after each epoch": ("stages/lib/training.py", "evaluate"),
     "  batches: augmentation": ("stages/lib/datasets.py", "random_crop_flip"),
     "  batches: normalisation": ("stages/lib/datasets.py", "normalize"),
-    "  checkpoints": ("stages/lib/training.py", "save"),
+    "  checkpoints": ("stages/lib/fit_io.py", "save"),
     "  progress display": ("rich/progress.py", "update"),
     "dataset reading (IDX files)": ("stages/lib/datasets.py", "load_raw"),
     "verify: logit comparisons": ("stages/verify.py", "compare_logits"),
@@ -40,7 +40,6 @@ CATEGORIES = {
     "benchmark: timing cells": ("stages/benchmark.py", "time_cells"),
     "bundle": ("stages/bundle.py", "run"),
 }
-STEP_FUNCS = {("stages/teacher.py", "step"), ("stages/baseline.py", "step"), ("stages/distill.py", "step")}
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -65,14 +64,9 @@ def cumulative(stats: pstats.Stats) -> dict[tuple[str, str], float]:
 
 
 def categorize(cum: dict[tuple[str, str], float]) -> dict[str, float]:
-    """Seconds per category of CATEGORIES (the train step = the stages' own ``step`` closures)."""
-    res = {}
-    for label, (suffix, func) in CATEGORIES.items():
-        if func == "<train step>":
-            res[label] = sum(t for (f, fn), t in cum.items() if any(f.endswith(s) and fn == n for s, n in STEP_FUNCS))
-        else:
-            res[label] = sum(t for (f, fn), t in cum.items() if f.endswith(suffix) and fn == func)
-    return res
+    """Seconds per category of CATEGORIES (the train step = the distillers' ``forward_train``)."""
+    return {label: sum(t for (f, fn), t in cum.items() if f.endswith(suffix) and fn == func)
+            for label, (suffix, func) in CATEGORIES.items()}
 
 
 def main(argv: Optional[list[str]] = None) -> dict:

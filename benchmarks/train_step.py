@@ -1,9 +1,10 @@
 """What does NORM cost per training step, next to plain CE and vanilla KD? A standalone measurement.
 
-One full step = forward, loss, backward, SGD step, on one fixed random batch (data loading excluded):
-  ce   : student forward + cross-entropy
-  kd   : teacher forward (no_grad) + student forward + CE + KD (models.losses.distill_losses)
-  norm : teacher forward_features (no_grad) + NormStudent forward + CE + NORM (distill_losses)
+One full step = forward, loss, backward, SGD step, on one fixed random batch (data loading excluded); the
+forward and loss are the pipeline's own ``forward_train`` of models.distillers (what fit() runs):
+  ce   : CE    student forward + cross-entropy
+  kd   : KD    teacher forward (no_grad) + student forward + 0.1*CE + 0.9*KD
+  norm : NORM  teacher forward_features (no_grad) + student + FT forward + CE + NORM
 The three methods are warmed up, then timed in interleaved rounds of short blocks (stages.lib.timing's
 counterbalanced schedule) so that the machine's drifts hit all of them alike. Reports the median img/s
 of each and the NORM/KD step-time ratio with a paired bootstrap 95% CI. Example:
@@ -22,10 +23,8 @@ import numpy as np
 import torch
 
 from _clock import add_clock_args, configure_clock
-import torch.nn as nn
 
-from models.losses import distill_losses
-from models.norm import NormStudent
+from models.distillers import CE, KD, NORM, Distiller
 from models.registry import create_model
 from stages.lib import timing
 
@@ -54,58 +53,47 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 @dataclass
 class Bench:
-    """Everything the step functions close over."""
+    """Everything the step functions close over: one distiller (in training mode) and optimiser per method."""
 
-    teacher: nn.Module
-    students: dict[str, nn.Module]
+    distillers: dict[str, Distiller]
     optims: dict[str, torch.optim.Optimizer]
     x: torch.Tensor
     y: torch.Tensor
-    n: int
 
 
 def build(args: argparse.Namespace) -> Bench:
     torch.manual_seed(args.seed)
     make = lambda name: create_model(name, num_classes=args.num_classes, in_chans=args.in_chans)  # noqa: E731
-    teacher = make(args.teacher).eval().requires_grad_(False)
-    students: dict[str, nn.Module] = {"ce": make(args.student).train(), "kd": make(args.student).train()}
-    students["norm"] = NormStudent(make(args.student), teacher.num_features, n=args.n,
-                                   residual=not args.plain_ft).train()
-    optims = {k: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-              for k, m in students.items()}
+    teacher = make(args.teacher)
+    distillers: dict[str, Distiller] = {
+        "ce": CE(make(args.student)), "kd": KD(make(args.student), teacher, kd_weight=0.9),
+        "norm": NORM(make(args.student), teacher, epochs=1, n=args.n, residual=not args.plain_ft)}
+    optims = {k: torch.optim.SGD(d.learnable_parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+              for k, d in distillers.items()}
+    for d in distillers.values():
+        d.train()
     g = torch.Generator().manual_seed(args.seed + 1)
     x = torch.randn(args.batch, args.in_chans, args.size, args.size, generator=g)
     y = torch.randint(0, args.num_classes, (args.batch,), generator=g)
-    return Bench(teacher, students, optims, x, y, args.n)
-
-
-def _update(opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
+    return Bench(distillers, optims, x, y)
 
 
 def make_steps(b: Bench) -> dict[str, Callable[[], None]]:
-    """One full training step per method, as the pipeline's stages do it."""
+    """One full training step per method: the distiller's forward_train, then what fit() does with the terms."""
 
-    def ce() -> None:
-        loss, _ = distill_losses(b.students["ce"](b.x), b.y, alpha=0.0, beta=0.0)
-        _update(b.optims["ce"], loss)
+    def step_of(method: str) -> Callable[[], None]:
+        distiller, opt = b.distillers[method], b.optims[method]
 
-    def kd() -> None:
-        with torch.no_grad():
-            t_logits = b.teacher(b.x)
-        loss, _ = distill_losses(b.students["kd"](b.x), b.y, teacher_logits=t_logits, alpha=0.0, beta=0.9, gamma=0.1)
-        _update(b.optims["kd"], loss)
+        def step() -> None:
+            _, terms = distiller.forward_train(b.x, b.y, 0)
+            loss = sum(terms.values())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
 
-    def norm() -> None:
-        with torch.no_grad():
-            t_feats = b.teacher.forward_features(b.x)
-        logits, expanded = b.students["norm"](b.x)
-        loss, _ = distill_losses(logits, b.y, expanded=expanded, teacher_features=t_feats, n=b.n, alpha=1.0, beta=0.0)
-        _update(b.optims["norm"], loss)
+        return step
 
-    return {"ce": ce, "kd": kd, "norm": norm}
+    return {m: step_of(m) for m in METHODS}
 
 
 def summarize(res: timing.Interleaved, batch: int, n_boot: int, seed: int) -> dict:

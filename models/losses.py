@@ -22,14 +22,18 @@ def norm_loss(expanded: torch.Tensor, teacher_features: torch.Tensor, n: int) ->
     """N-to-one matching: N * MSE(expanded, teacher tiled N times) = sum over groups of each group's MSE.
 
     ``expanded``: (B, N*C_t, H, W) from the FT's expand branch. ``teacher_features``: (B, C_t, H', W'),
-    the teacher's last-stage map (no gradient), max-pooled to (H, W) when larger.
+    the teacher's last-stage map (no gradient), max-pooled to (H, W) when larger. The N groups are compared
+    with one broadcast view of the teacher map, (B, N, C_t, H, W) against (B, 1, C_t, H, W): the teacher
+    map is never copied N times.
     """
     b, c, h, w = expanded.shape
     teacher = align_teacher_features(teacher_features, (h, w))
-    if c != n * teacher.shape[1]:
-        raise ValueError(f"expanded map has {c} channels, expected N*C_t = {n}*{teacher.shape[1]}")
-    target = teacher.detach().repeat(1, n, 1, 1)
-    return n * F.mse_loss(expanded, target.to(expanded.dtype))
+    ct = teacher.shape[1]
+    if c != n * ct:
+        raise ValueError(f"expanded map has {c} channels, expected N*C_t = {n}*{ct}")
+    groups = expanded.view(b, n, ct, h, w)  # channel k*C_t + j is group k's channel j (a view: any memory format)
+    target = teacher.detach().to(expanded.dtype).unsqueeze(1).expand(b, n, ct, h, w)  # stride 0 over the groups
+    return n * F.mse_loss(groups, target)
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0) -> torch.Tensor:

@@ -160,6 +160,12 @@ class Runner:
                   "inputs": {n: {"fingerprint": r.get("fingerprint"), "outputs": r.get("outputs")}
                              for n, r in upstream.items() if r},
                   "environment": self.env() if spec.environment else None}
+        if spec.distributed:  # under torchrun: join the process group and release the waiting ranks into this stage
+            from stages.lib import dist
+
+            ctx.device = dist.start_stage(ctx.device, {
+                "run": True, "out_dir": str(work), "force": force, "inputs": {k: str(v) for k, v in inputs.items()},
+                "input_records": ctx.input_records})
         try:
             metrics = spec.load()(ctx) or {}
         except StageSkipped as e:

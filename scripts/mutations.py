@@ -71,7 +71,7 @@ MUTATIONS: list[Mutation] = [
        ("return self.student.forward_head(transformed), expanded", "return self.student.forward_head(features), expanded")),
     # ------------------------------------------------------------------ stages/lib/training.py and the distill stage
     _m("resume-weights", "stages/lib/training.py", "issue 18 bug 1: resume restores the optimizer, not the weights", TRAINING,
-       ('            model.load_state_dict(state["model"])\n', "")),
+       ('        model.load_state_dict(state["model"])\n', "")),
     _m("resume-optimizer", "stages/lib/training.py", "resume restores the weights, not the optimizer", TRAINING,
        ('opt.load_state_dict(state["optimizer"])', "pass")),
     _m("resume-epoch", "stages/lib/training.py", "resume repeats the last finished epoch", TRAINING,
@@ -84,10 +84,10 @@ MUTATIONS: list[Mutation] = [
        ("correct1 += (top[:, 0] == y).sum().item()", "correct1 += (top == y[:, None]).any(dim=1).sum().item()")),
     _m("fit-top1", "stages/lib/training.py", "fit reports the training accuracy as top-1", TRAINING,
        ('return {"top1": last.get("val_top1")', 'return {"top1": last.get("train_top1")')),
-    _m("distill-schedule", "stages/distill.py", "issue 18 bug 7: distill ignores the NORM schedule", DISTILL,
-       ("norm_multiplier=norm_weight(epoch / c.epochs, c.norm_schedule)", "norm_multiplier=1.0")),
-    _m("distill-progress", "stages/distill.py", "schedule read at the epoch number, not the fraction", DISTILL,
-       ("norm_multiplier=norm_weight(epoch / c.epochs, c.norm_schedule)", "norm_multiplier=norm_weight(epoch, c.norm_schedule)")),
+    _m("distill-schedule", "models/distillers.py", "issue 18 bug 7: distill ignores the NORM schedule", DISTILL,
+       ("return norm_weight(epoch / self.epochs, self.norm_schedule)", "return 1.0")),
+    _m("distill-progress", "models/distillers.py", "schedule read at the epoch number, not the fraction", DISTILL,
+       ("return norm_weight(epoch / self.epochs, self.norm_schedule)", "return norm_weight(epoch, self.norm_schedule)")),
     # ------------------------------------------------------------------ stages/lib/io.py
     _m("atomic-in-place", "stages/lib/io.py", "issue 18 bug 6: atomic write done in place", IO,
        ('            with os.fdopen(fd, "wb") as raw:\n', '            os.close(fd)\n            with open(path, "wb") as raw:\n'),

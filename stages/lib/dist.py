@@ -2,7 +2,8 @@
 
 Rank 0 alone owns the run directory: it prepares the stage folder, writes artifacts and the record.
 The other ranks wait (``hold_followers``) until rank 0 has prepared the folder and entered the stage
-(``release_followers``), then run the same stage function with rank 0's context, writing nothing.
+(``release_followers``; pipeline/runner.py does both through ``start_stage`` before a distributed stage),
+then run the same stage function with rank 0's context, writing nothing.
 """
 from __future__ import annotations
 
@@ -34,8 +35,22 @@ def init(device: str) -> tuple[int, int, str]:
         tdist.init_process_group(backend=backend)
     if device.startswith("cuda"):
         torch.cuda.set_device(local)
-        device = f"cuda:{local}"
-    return tdist.get_rank(), tdist.get_world_size(), device
+    return tdist.get_rank(), tdist.get_world_size(), local_device(device)
+
+
+def local_device(device: str) -> str:
+    """This process's device: under torchrun, ``cuda`` means the GPU of its local rank; otherwise ``device``."""
+    if launched_by_torchrun() and device.startswith("cuda"):
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return device
+
+
+def start_stage(device: str, payload: dict) -> str:
+    """Under torchrun, before a distributed stage runs: join the process group (once) and let the waiting
+    ranks go with ``payload`` (rank 0's context); returns this process's device. A no-op otherwise."""
+    device = init(device)[2]
+    release_followers(payload)
+    return device
 
 
 def active() -> bool:

@@ -1,13 +1,13 @@
 """One training loop for teacher, baseline and distill: resumable, AMP, channels_last, DDP-aware.
 
-The stage supplies ``step(x, y, epoch) -> (logits, {"ce": ..., "kd": ..., "norm": ...})``; the loop
-handles the optimiser, the lr schedule, progress, evaluation, per-epoch checkpoints (resume from the
-last finished epoch) and NaN/inf detection (stop, keep the last good checkpoint, say which epoch).
+The stage supplies a distiller (models/distillers.py: ``forward_train(x, y, epoch) -> (logits, {"ce": ...,
+"kd": ..., "norm": ...})``); the loop handles the optimiser, the lr schedule, progress, evaluation, per-epoch
+checkpoints (resume from the last finished epoch) and NaN/inf detection (stop, keep the last good checkpoint,
+say which epoch). Checkpoint files, history.csv and the progress display live in stages/lib/fit_io.py.
 """
 from __future__ import annotations
 
 import contextlib
-import csv
 import math
 import time
 from dataclasses import dataclass, field
@@ -19,9 +19,7 @@ import torch.nn as nn
 
 from stages.lib import dist
 from stages.lib.errors import PipelineError, TrainingDiverged
-from stages.lib.io import atomic_torch_save, atomic_write_text, safe_torch_load
-
-StepFn = Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+from stages.lib.fit_io import Checkpointer, diverged_message, eta_info, progress_display, stage_clock, write_history
 
 
 @dataclass
@@ -108,221 +106,183 @@ def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], batches: Iterable,
     return {"top1": correct1 / total, "top5": correct5 / total, "loss": loss_sum / total}
 
 
-class Checkpointer:
-    """``ckpt/last.pt`` after every finished epoch (atomic), ``best.pt`` on improvement."""
-
-    def __init__(self, folder: Path, enabled: bool = True):
-        self.folder = Path(folder)
-        self.enabled = enabled
-
-    @property
-    def last(self) -> Path:
-        return self.folder / "last.pt"
-
-    def save(self, state: dict, is_best: bool) -> None:
-        if not self.enabled:
-            return
-        atomic_torch_save(state, self.last)
-        if is_best:
-            atomic_torch_save({"epoch": state["epoch"], "model": state["model"], "top1": state["best_top1"]},
-                              self.folder / "best.pt")
-
-    def load(self) -> Optional[dict]:
-        if not self.last.is_file():
-            return None
-        return safe_torch_load(self.last, "training checkpoint", fix="delete it, or run with --force to start the stage over")
-
-
-def write_history(path: Path, rows: list[dict]) -> None:
-    if not rows:
-        return
-    keys: list[str] = []
-    for r in rows:
-        keys += [k for k in r if k not in keys]
-    lines = [",".join(keys)] + [",".join(_fmt(r.get(k, "")) for k in keys) for r in rows]
-    atomic_write_text(path, "\n".join(lines) + "\n")
-
-
-def _fmt(v) -> str:
-    return f"{v:.6g}" if isinstance(v, float) else str(v)
-
-
-def read_history(path: Path) -> list[dict]:
-    with open(path, newline="") as f:
-        return [{k: float(v) if v not in ("",) else None for k, v in row.items()} for row in csv.DictReader(f)]
-
-
 def unwrap(model: nn.Module) -> nn.Module:
     model = getattr(model, "module", model)
     return getattr(model, "_orig_mod", model)
 
 
-def _progress(disable: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+@dataclass
+class _Loop:
+    """What one fit() call's epochs share: the distiller, its optimiser, the resume state and the display."""
 
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TimeRemainingColumn(), TextColumn("{task.fields[info]}"), disable=disable, transient=True)
+    distiller: nn.Module
+    train_model: nn.Module  # the distiller, wrapped by DDP / torch.compile when asked
+    opt: torch.optim.Optimizer
+    scaler: Optional[torch.amp.GradScaler]
+    spec: TrainSpec
+    device: str
+    amp_dtype: Optional[torch.dtype]
+    channels_last: bool
+    label: str
+    log: Callable[[str], None]
+    ckpt: Checkpointer
+    history: list[dict] = field(default_factory=list)
+    start_epoch: int = 0
+    best_top1: float = -1.0
+    best_epoch: int = -1
 
 
-def fit(*, model: nn.Module, step: Callable, train, val, spec: TrainSpec, out_dir: Path, device: str,
-        label: str, log: Callable[[str], None] = print, eval_forward: Optional[Callable] = None,
-        extra_row: Optional[Callable[[int], dict]] = None) -> dict:
-    """Train ``model`` with ``step(model, x, y, epoch) -> (logits, terms)``; resumable; returns final metrics.
+def fit(*, distiller: nn.Module, train, val, spec: TrainSpec, out_dir: Path, device: str, label: str,
+        log: Callable[[str], None] = print, extra_row: Optional[Callable[[int], dict]] = None) -> dict:
+    """Train a distiller (models.distillers: ``forward_train(x, y, epoch) -> (logits, terms)``); resumable.
 
-    Checkpoints live in ``out_dir/ckpt``; ``out_dir/history.csv`` gets one row per epoch. Under torchrun
-    only rank 0 writes; every rank resumes from the same checkpoint (any world size).
+    The optimiser updates ``distiller.learnable_parameters()``; checkpoints hold ``distiller.trainable``'s state
+    (never the frozen teacher's). Checkpoints live in ``out_dir/ckpt``; ``out_dir/history.csv`` gets one row
+    per epoch. Under torchrun only rank 0 writes; every rank resumes from the same checkpoint (any world size).
+    Returns the final metrics.
     """
-    is_main = dist.rank() == 0
     from stages.lib.precision import resolve_amp, resolve_channels_last
 
+    is_main = dist.rank() == 0
     amp = resolve_amp(spec.amp, device)
-    amp_dtype = amp.dtype
-    layout = resolve_channels_last(spec.channels_last, device, amp_dtype)
-    channels_last = layout.channels_last
-    model.to(device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay,
-                          nesterov=spec.nesterov)
+    layout = resolve_channels_last(spec.channels_last, device, amp.dtype)
+    distiller.to(device)  # the frozen teacher follows the student's device and memory format
+    if layout.channels_last:
+        distiller.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(distiller.learnable_parameters(), lr=spec.lr, momentum=spec.momentum,
+                          weight_decay=spec.weight_decay, nesterov=spec.nesterov)
     if is_main:
         log(f"{label}: {amp.describe()}; {layout.describe()}")
-    scaler = torch.amp.GradScaler(device.split(":")[0]) if amp_dtype == torch.float16 else None
-    ckpt = Checkpointer(out_dir / "ckpt", enabled=is_main)
-    history: list[dict] = []
-    start_epoch, best_top1, best_epoch = 0, -1.0, -1
-    state = ckpt.load()  # every rank reads the same file: resume works with any world size
-    if state is not None:
-        try:
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise PipelineError(f"cannot resume {label} from {ckpt.last}: it belongs to another model ({str(e).splitlines()[0][:120]}); "
-                                "run with --force to start over") from None
-        start_epoch, best_top1, best_epoch = state["epoch"] + 1, state["best_top1"], state["best_epoch"]
-        history = list(state["history"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        log(f"{label}: resuming after epoch {state['epoch'] + 1}/{spec.epochs} (best top-1 {best_top1:.4f})")
-    train_model = dist.wrap_ddp(model, device)
+    scaler = torch.amp.GradScaler(device.split(":")[0]) if amp.dtype == torch.float16 else None
+    loop = _Loop(distiller=distiller, train_model=distiller, opt=opt, scaler=scaler, spec=spec, device=device,
+                 amp_dtype=amp.dtype, channels_last=layout.channels_last, label=label, log=log,
+                 ckpt=Checkpointer(out_dir / "ckpt", enabled=is_main))
+    _resume(loop)
+    loop.train_model = dist.wrap_ddp(distiller, device)
     if spec.compile:
-        train_model = torch.compile(train_model)
-    forward = eval_forward or (lambda x: model(x))
+        loop.train_model = torch.compile(loop.train_model)
 
-    clock = _stage_clock(spec, train, val, start_epoch)
+    clock = stage_clock(spec, train, val, loop.start_epoch)
     val_info = ""
-    with _progress(disable=not is_main) as progress:
-        epochs_task = progress.add_task(f"{label} epochs", total=spec.epochs, completed=start_epoch, info="")
-        for epoch in range(start_epoch, spec.epochs):
-            lr = lr_at(spec, epoch)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            train.set_epoch(epoch)
-            model.train()
+    with progress_display(disable=not is_main) as progress:
+        epochs_task = progress.add_task(f"{label} epochs", total=spec.epochs, completed=loop.start_epoch, info="")
+
+        def show_eta() -> None:  # the last evaluation's accuracy and the ETAs on the epochs line
+            progress.update(epochs_task, info=eta_info(clock, val_info))
+
+        for epoch in range(loop.start_epoch, spec.epochs):
             t0 = time.perf_counter()
-            sums: dict[str, float] = {}
-            seen = correct = 0
-            batches = len(train)
-            batch_task = progress.add_task(f"epoch {epoch + 1}", total=batches, info="")
-            clock.start_batches()
-            for i, (x, y) in enumerate(train):
-                if spec.schedule == "cosine":
-                    for g in opt.param_groups:
-                        g["lr"] = lr_at(spec, epoch + i / max(batches, 1))
-                if channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with autocast(device, amp_dtype):
-                    logits, terms = step(train_model, x, y, epoch)
-                loss = sum(terms.values())
-                if not torch.isfinite(loss):
-                    bad = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
-                    raise TrainingDiverged(_diverged(label, f"loss became {loss.item()} ({bad})", epoch, ckpt.last))
-                opt.zero_grad(set_to_none=True)
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    scaler.step(opt)
-                    scaler.update()
-                else:
-                    loss.backward()
-                    opt.step()
-                n = len(y)
-                seen += n
-                correct += (logits.detach().argmax(1) == y).sum().item()
-                for k, v in terms.items():
-                    sums[k] = sums.get(k, 0.0) + v.detach().float().item() * n
-                sums["loss"] = sums.get("loss", 0.0) + loss.detach().float().item() * n
-                clock.batch_done()
-                progress.update(batch_task, advance=1,
-                                info=" ".join(f"{k}={sums[k] / seen:.3f}" for k in sums))
-                progress.update(epochs_task, info=_eta_info(clock, val_info))
-            progress.remove_task(batch_task)
-            keys = sorted(sums)
-            reduced = dist.all_reduce_sum([sums[k] for k in keys] + [seen, correct], device)
-            seen_all = max(reduced[-2], 1)
-            row = {"epoch": epoch + 1, "lr": lr, **{f"train_{k}": reduced[i] / seen_all for i, k in enumerate(keys)},
-                   "train_top1": reduced[-1] / seen_all}
+            row = _train_epoch(loop, train, epoch, clock, progress, show_eta)
             if extra_row:
                 row.update(extra_row(epoch))
-            model.eval()
-            dist.broadcast_buffers(model)  # evaluate (on every rank's shard) exactly the model rank 0 saves
-            clock.eval_started()
-            ev = evaluate(forward, val, device=device, amp_dtype=amp_dtype, channels_last=channels_last)
-            clock.eval_done()
-            if not math.isfinite(ev["loss"]):  # a finite last step can still leave inf/NaN weights: never save them
-                raise TrainingDiverged(_diverged(label, f"validation loss became {ev['loss']}", epoch, ckpt.last))
-            row.update({"val_top1": ev["top1"], "val_top5": ev["top5"], "val_loss": ev["loss"],
-                        "epoch_s": time.perf_counter() - t0})
-            history.append(row)
-            is_best = ev["top1"] > best_top1
-            if is_best:
-                best_top1, best_epoch = ev["top1"], epoch + 1
-            ckpt.save({"epoch": epoch, "model": {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()},
-                       "optimizer": opt.state_dict(), "best_top1": best_top1, "best_epoch": best_epoch,
-                       "history": history, "scaler": scaler.state_dict() if scaler else None}, is_best)
-            if is_main:
-                write_history(out_dir / "history.csv", history)
+            ev = _evaluate_and_save(loop, val, epoch, row, clock, t0, out_dir, is_main)
             val_info = f"val top-1 {ev['top1']:.4f}"
-            progress.update(epochs_task, advance=1, info=_eta_info(clock, val_info))
+            progress.update(epochs_task, advance=1, info=eta_info(clock, val_info))
             log(f"{label} epoch {epoch + 1}/{spec.epochs}: loss {row['train_loss']:.4f} "
                 f"val top-1 {ev['top1']:.4f} top-5 {ev['top5']:.4f} ({row['epoch_s']:.1f}s)")
     dist.barrier()
+    history = loop.history
     last = history[-1] if history else {}
-    return {"top1": last.get("val_top1"), "top5": last.get("val_top5"), "best_top1": best_top1,
-            "best_epoch": best_epoch, "epochs": spec.epochs,
+    return {"top1": last.get("val_top1"), "top5": last.get("val_top5"), "best_top1": loop.best_top1,
+            "best_epoch": loop.best_epoch, "epochs": spec.epochs,
             "train_s": sum(r.get("epoch_s", 0.0) for r in history), **amp.metrics(), **layout.metrics()}
 
 
-def _stage_clock(spec: TrainSpec, train, val, start_epoch: int):
-    """The stage's own ETA: its batches and evaluations timed; an evaluation batch priced by its images
-    (forward only: a third of a training image) until the first evaluation has been timed."""
-    from stages.lib.eta import StageEta
-
-    per_train = getattr(train, "num_samples", 1) / max(len(train), 1)
-    per_val = getattr(val, "num_samples", 1) / max(len(val), 1)
-    return StageEta(epochs=spec.epochs, batches=len(train), eval_batches=len(val), start_epoch=start_epoch,
-                    eval_weight=per_val / max(per_train, 1e-9) / 3)
-
-
-def _eta_info(clock, prefix: str = "") -> str:
-    """'val top-1 0.8512 · ETA stage 1:23 · run 5:40' for the epochs line of the progress display."""
-    from stages.lib import eta
-
-    left = clock.remaining()
-    run = eta.current()
-    if left is not None:  # calibrate the run's seconds per FLOP on this stage (a resumed one: on its share)
-        run.stage_progress(clock.elapsed + left, share=(clock.epochs - clock.start_epoch) / max(clock.epochs, 1))
-    total = run.total(left)
-    parts = [prefix] if prefix else []
-    parts.append(f"ETA stage {eta.fmt_eta(left)}")
-    if total is not None:
-        parts.append(f"run {eta.fmt_eta(total)}")
-    return " · ".join(parts)
+def _resume(loop: _Loop) -> None:
+    """Load ``ckpt/last.pt`` when there is one: weights, optimiser, scaler, history and the epoch to start at."""
+    state = loop.ckpt.load()  # every rank reads the same file: resume works with any world size
+    if state is None:
+        return
+    model, opt = loop.distiller.trainable, loop.opt
+    try:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise PipelineError(f"cannot resume {loop.label} from {loop.ckpt.last}: it belongs to another model "
+                            f"({str(e).splitlines()[0][:120]}); run with --force to start over") from None
+    loop.start_epoch, loop.best_top1, loop.best_epoch = state["epoch"] + 1, state["best_top1"], state["best_epoch"]
+    loop.history = list(state["history"])
+    if loop.scaler is not None and state.get("scaler"):
+        loop.scaler.load_state_dict(state["scaler"])
+    loop.log(f"{loop.label}: resuming after epoch {state['epoch'] + 1}/{loop.spec.epochs} "
+             f"(best top-1 {loop.best_top1:.4f})")
 
 
-def _diverged(label: str, what: str, epoch: int, last: Path) -> str:
-    """The one-line NaN/inf message: which epoch, and where the last good checkpoint is (if any)."""
-    kept = (f"the last good checkpoint (epoch {epoch}) is kept in {last}" if epoch > 0
-            else "no epoch had finished, so there is no checkpoint to keep")
-    return f"{label}: {what} in epoch {epoch + 1}; {kept}; lower the learning rate (or the loss weights) or check the data"
+def _train_epoch(loop: _Loop, train, epoch: int, clock, progress, show_eta: Callable[[], None]) -> dict:
+    """One epoch of optimiser steps; returns the history row's training part (terms averaged over all ranks)."""
+    spec, opt = loop.spec, loop.opt
+    lr = lr_at(spec, epoch)
+    for g in opt.param_groups:
+        g["lr"] = lr
+    train.set_epoch(epoch)
+    loop.distiller.train()
+    sums: dict[str, float] = {}
+    seen = correct = 0
+    batches = len(train)
+    batch_task = progress.add_task(f"epoch {epoch + 1}", total=batches, info="")
+    clock.start_batches()
+    for i, (x, y) in enumerate(train):
+        if spec.schedule == "cosine":
+            for g in opt.param_groups:
+                g["lr"] = lr_at(spec, epoch + i / max(batches, 1))
+        if loop.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(loop.device, loop.amp_dtype):
+            logits, terms = loop.train_model(x, y, epoch)
+        loss = sum(terms.values())
+        if not torch.isfinite(loss):
+            bad = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
+            raise TrainingDiverged(diverged_message(loop.label, f"loss became {loss.item()} ({bad})", epoch, loop.ckpt.last))
+        opt.zero_grad(set_to_none=True)
+        if loop.scaler is not None:
+            loop.scaler.scale(loss).backward()
+            loop.scaler.step(opt)
+            loop.scaler.update()
+        else:
+            loss.backward()
+            opt.step()
+        n = len(y)
+        seen += n
+        correct += (logits.detach().argmax(1) == y).sum().item()
+        for k, v in terms.items():
+            sums[k] = sums.get(k, 0.0) + v.detach().float().item() * n
+        sums["loss"] = sums.get("loss", 0.0) + loss.detach().float().item() * n
+        clock.batch_done()
+        progress.update(batch_task, advance=1, info=" ".join(f"{k}={sums[k] / seen:.3f}" for k in sums))
+        show_eta()
+    progress.remove_task(batch_task)
+    keys = sorted(sums)
+    reduced = dist.all_reduce_sum([sums[k] for k in keys] + [seen, correct], loop.device)
+    seen_all = max(reduced[-2], 1)
+    return {"epoch": epoch + 1, "lr": lr, **{f"train_{k}": reduced[i] / seen_all for i, k in enumerate(keys)},
+            "train_top1": reduced[-1] / seen_all}
+
+
+def _evaluate_and_save(loop: _Loop, val, epoch: int, row: dict, clock, t0: float, out_dir: Path,
+                       is_main: bool) -> dict:
+    """Evaluate the epoch's model, complete its history row, checkpoint (``best.pt`` on improvement)."""
+    distiller = loop.distiller
+    distiller.eval()
+    dist.broadcast_buffers(distiller)  # evaluate (on every rank's shard) exactly the model rank 0 saves
+    clock.eval_started()
+    ev = evaluate(distiller.forward_test, val, device=loop.device, amp_dtype=loop.amp_dtype,
+                  channels_last=loop.channels_last)
+    clock.eval_done()
+    if not math.isfinite(ev["loss"]):  # a finite last step can still leave inf/NaN weights: never save them
+        raise TrainingDiverged(diverged_message(loop.label, f"validation loss became {ev['loss']}", epoch, loop.ckpt.last))
+    row.update({"val_top1": ev["top1"], "val_top5": ev["top5"], "val_loss": ev["loss"],
+                "epoch_s": time.perf_counter() - t0})
+    loop.history.append(row)
+    is_best = ev["top1"] > loop.best_top1
+    if is_best:
+        loop.best_top1, loop.best_epoch = ev["top1"], epoch + 1
+    weights = {k: v.detach().cpu() for k, v in distiller.trainable.state_dict().items()}
+    loop.ckpt.save({"epoch": epoch, "model": weights, "optimizer": loop.opt.state_dict(),
+                    "best_top1": loop.best_top1, "best_epoch": loop.best_epoch, "history": loop.history,
+                    "scaler": loop.scaler.state_dict() if loop.scaler else None}, is_best)
+    if is_main:
+        write_history(out_dir / "history.csv", loop.history)
+    return ev
 
 
 @dataclass
@@ -345,9 +305,7 @@ def prepare(ctx, c, seed: int) -> Prepared:
     from stages.lib.datasets import make_splits
 
     device = resolve_device(ctx.cfg.run.device)
-    rank, world, device = dist.init(device)
-    dist.release_followers({"run": True, "out_dir": str(ctx.out_dir), "force": ctx.force,
-                            "inputs": {k: str(v) for k, v in ctx.inputs.items()}, "input_records": ctx.input_records})
+    rank, world, device = dist.rank(), dist.world_size(), dist.local_device(device)  # the runner started torchrun's group
     meta = DatasetMeta.load(ctx.artifact("data", "dataset")).to_dict()
     if c.batch_size % world:
         raise PipelineError(f"{ctx.name}.batch_size={c.batch_size} is the global batch and must be divisible by the "

@@ -203,3 +203,31 @@ def test_distill_losses_missing_teacher_inputs_raise() -> None:
         distill_losses(logits, labels, beta=0.5)
     with pytest.raises(ValueError, match="teacher features"):
         distill_losses(logits, labels, expanded=expanded, n=2)
+
+
+def _norm_loss_with_repeat(expanded: torch.Tensor, teacher: torch.Tensor, n: int) -> torch.Tensor:
+    """The formulation before issue 16: the teacher map materialised N times with ``repeat``."""
+    from models.losses import align_teacher_features
+
+    teacher = align_teacher_features(teacher, expanded.shape[-2:])
+    return n * torch.nn.functional.mse_loss(expanded, teacher.detach().repeat(1, n, 1, 1).to(expanded.dtype))
+
+
+@pytest.mark.parametrize("n, t_hw, channels_last, dtype", [
+    (1, (4, 4), False, torch.float32), (8, (4, 4), False, torch.float32), (8, (8, 8), True, torch.float32),
+    (3, (7, 7), True, torch.float32), (4, (4, 4), False, torch.float64)])
+def test_norm_loss_broadcast_equals_the_repeat_formulation(n, t_hw, channels_last, dtype) -> None:
+    g = torch.Generator().manual_seed(n)
+    expanded = torch.randn(6, n * 5, 4, 4, generator=g, dtype=dtype)
+    teacher = torch.randn(6, 5, *t_hw, generator=g, dtype=dtype)
+    if channels_last:
+        expanded = expanded.contiguous(memory_format=torch.channels_last)
+        teacher = teacher.contiguous(memory_format=torch.channels_last)
+    a = expanded.clone().requires_grad_(True)
+    b = expanded.clone().requires_grad_(True)
+    new, old = norm_loss(a, teacher, n), _norm_loss_with_repeat(b, teacher, n)
+    new.backward()
+    old.backward()
+    eps = torch.finfo(dtype).eps
+    assert abs(new.item() - old.item()) <= 4 * eps * abs(old.item())
+    assert torch.allclose(a.grad, b.grad, rtol=4 * eps, atol=0)

@@ -115,9 +115,9 @@ def test_nproc2_run_matches_single_process_layout(tmp_path, overrides, cfg_file)
 
 LAUNCHER = """
 import sys
-import stages.lib.training as T
+from stages.lib import training
 
-real, calls = T.evaluate, {"n": 0}
+real, calls = training.evaluate, {"n": 0}
 
 
 def evaluate(*args, **kwargs):  # Ctrl-C while evaluating the second epoch this process trains
@@ -127,7 +127,7 @@ def evaluate(*args, **kwargs):  # Ctrl-C while evaluating the second epoch this 
     return real(*args, **kwargs)
 
 
-T.evaluate = evaluate
+training.evaluate = evaluate
 from pipeline.cli import main
 
 sys.argv[0] = "norm-pipeline"
@@ -138,7 +138,7 @@ main()
 def test_resume_across_world_sizes(tmp_path, overrides, cfg_file, monkeypatch):
     """1 process trains epoch 1 and is interrupted; 2 processes resume, train epoch 2 and are interrupted;
     1 process resumes again and finishes epoch 3. History and checkpoints carry over both ways."""
-    import stages.lib.training as T
+    from stages.lib import training
 
     sets = [o for o in overrides if not o.startswith("teacher.epochs")] + ["teacher.epochs=3"]
     cfg = load_config(cfg_file, sets)
@@ -146,7 +146,7 @@ def test_resume_across_world_sizes(tmp_path, overrides, cfg_file, monkeypatch):
     work = tmp_path / ".teacher.work"
 
     # 1 process: interrupted while evaluating epoch 2 (epoch 1's checkpoint is on disk)
-    real, calls = T.evaluate, {"n": 0}
+    real, calls = training.evaluate, {"n": 0}
 
     def interrupt_second(*a, **k):
         calls["n"] += 1
@@ -154,10 +154,10 @@ def test_resume_across_world_sizes(tmp_path, overrides, cfg_file, monkeypatch):
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(T, "evaluate", interrupt_second)
+    monkeypatch.setattr(training, "evaluate", interrupt_second)
     with pytest.raises(KeyboardInterrupt):
         Runner(cfg, tmp_path, log=lambda m: None).run_stage("teacher")
-    monkeypatch.setattr(T, "evaluate", real)
+    monkeypatch.setattr(training, "evaluate", real)
     assert [r["epoch"] for r in _history(work / "history.csv")] == ["1"]
     row1 = _history(work / "history.csv")[0]
 
@@ -195,3 +195,33 @@ def test_more_processes_than_gpus_is_a_one_line_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     with pytest.raises(PipelineError, match="4 processes on this host need one GPU each, but 2 are visible"):
         dist.init("cuda")
+
+
+def test_the_runner_releases_followers_before_a_distributed_stage_and_prepare_does_not(tmp_path, overrides,
+                                                                                        monkeypatch):
+    """The torchrun handshake (join the group, release the waiting ranks with rank 0's context) happens once,
+    in the runner, before a distributed stage's function runs; training.prepare() only reads rank and device."""
+    import stages.teacher
+    from stages.lib import dist, training
+
+    cfg = load_config(None, overrides)
+    runner = Runner(cfg, tmp_path, log=lambda m: None)
+    events: list = []
+    monkeypatch.setattr(dist, "start_stage", lambda device, payload: events.append(("start", payload)) or device)
+    assert runner.run_stage("data").status == "done" and events == []  # not a distributed stage
+
+    for name in ("init", "release_followers"):  # prepare() must not touch the process group any more
+        monkeypatch.setattr(dist, name, lambda *a, _n=name: pytest.fail(f"prepare() called dist.{_n}"))
+
+    def run(ctx):
+        events.append(("stage", ctx.out_dir))
+        p = training.prepare(ctx, ctx.cfg.teacher, 0)
+        return {"device": p.device}
+
+    monkeypatch.setattr(stages.teacher, "run", run)
+    result = runner.run_stage("teacher")
+    assert result.status == "done" and result.metrics == {"device": "cpu"}
+    assert [e[0] for e in events] == ["start", "stage"]
+    payload = events[0][1]
+    assert payload["run"] is True and payload["out_dir"] == str(events[1][1]) and payload["force"] is False
+    assert payload["inputs"] == {"data": str(tmp_path / "data")} and set(payload["input_records"]) == {"data"}

@@ -75,20 +75,23 @@ class _Split:
 
 @pytest.mark.parametrize("caps, expect", [(AVX2, None), (AVX512_BF16, torch.bfloat16)])
 def test_fit_trains_under_the_resolved_precision_and_records_it(tmp_path, monkeypatch, caps, expect):
-    from stages.lib import training as T
+    from models.distillers import CE
+    from stages.lib import training
 
     monkeypatch.setattr(precision, "cpu_capabilities", lambda: dict(caps))
     seen = []
 
-    def step(m, x, y, epoch):
-        seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
-        logits = m(x)
-        return logits, {"ce": nn.functional.cross_entropy(logits.float(), y)}
+    class Spy(CE):
+        def forward_train(self, x, y, epoch):
+            seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+            logits = self.student(x)
+            return logits, {"ce": nn.functional.cross_entropy(logits.float(), y)}
 
     logs: list[str] = []
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 3))
-    metrics = T.fit(model=model, step=step, train=_Split(), val=_Split(), spec=T.TrainSpec(epochs=1, lr=0.1, amp="auto"),
-                    out_dir=tmp_path, device="cpu", label="tiny", log=logs.append)
+    metrics = training.fit(distiller=Spy(model), train=_Split(), val=_Split(),
+                           spec=training.TrainSpec(epochs=1, lr=0.1, amp="auto"), out_dir=tmp_path, device="cpu",
+                           label="tiny", log=logs.append)
     assert seen and set(seen) == {expect}
     choice = resolve_amp("auto", "cpu", caps=caps)
     assert (metrics["amp"], metrics["amp_reason"], metrics["amp_requested"]) == (choice.name, choice.reason, "auto")
@@ -123,7 +126,8 @@ def test_schema_default_channels_last_is_auto_and_booleans_still_parse():
 
 @pytest.mark.parametrize("value, expect", [("auto", True), (False, False)])
 def test_fit_trains_in_the_resolved_memory_format_and_records_it(tmp_path, value, expect):
-    from stages.lib import training as T
+    from models.distillers import CE
+    from stages.lib import training
 
     seen = []
 
@@ -138,16 +142,12 @@ def test_fit_trains_in_the_resolved_memory_format_and_records_it(tmp_path, value
                              self.conv.weight.is_contiguous(memory_format=torch.channels_last)))
             return self.fc(self.conv(x).mean((2, 3)))
 
-    def step(m, x, y, epoch):
-        logits = m(x)
-        return logits, {"ce": nn.functional.cross_entropy(logits, y)}
-
     split = _Split()
     split.x = torch.randn(32, 3, 8, 8)  # 3 channels: with one, NCHW and NHWC strides coincide
     logs: list[str] = []
-    metrics = T.fit(model=Conv(), step=step, train=split, val=split,
-                    spec=T.TrainSpec(epochs=1, lr=0.1, channels_last=value), out_dir=tmp_path, device="cpu",
-                    label="tiny", log=logs.append)
+    metrics = training.fit(distiller=CE(Conv()), train=split, val=split,
+                           spec=training.TrainSpec(epochs=1, lr=0.1, channels_last=value), out_dir=tmp_path,
+                           device="cpu", label="tiny", log=logs.append)
     assert seen and set(seen) == {(expect, expect)}
     assert metrics["channels_last"] is expect and metrics["channels_last_requested"] == str(value).lower()
     assert any("channels_last" in line or "NCHW" in line for line in logs)

@@ -137,8 +137,8 @@ def test_unusable_files_give_one_line_errors(tmp_path, content, needle):
 
 
 def test_teacher_stage_imports_and_evaluates_instead_of_training(tmp_path, make_ctx, upstream, monkeypatch):
-    import stages.lib.training as T
     from pipeline.graph import stage_module
+    from stages.lib import training
 
     teacher_stage = stage_module("teacher")
     from stages.lib.datasets import val_batches
@@ -146,7 +146,7 @@ def test_teacher_stage_imports_and_evaluates_instead_of_training(tmp_path, make_
     src = _source("resnet8", in_chans=1)
     ckpt = tmp_path / "resnet8_best.pth"
     torch.save({"epoch": 240, "model": {k.replace("head.fc.", "fc."): v for k, v in src.state_dict().items()}}, ckpt)
-    monkeypatch.setattr(T, "fit", lambda **kw: pytest.fail("an imported teacher must not be trained"))
+    monkeypatch.setattr(training, "fit", lambda **kw: pytest.fail("an imported teacher must not be trained"))
     cfg = load_config(None, [f"data.root={upstream['cfg'].data.root}", "teacher.model=resnet8",
                              f"teacher.checkpoint={ckpt}", "run.device=cpu"])
     ctx = make_ctx("teacher", cfg=cfg)

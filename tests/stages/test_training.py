@@ -3,6 +3,7 @@ uninterrupted run trains (weights, BatchNorm statistics, optimizer momentum, lr 
 the right epoch numbers."""
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import pytest
@@ -10,8 +11,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models.distillers import CE
 from stages.lib.datasets import TensorSplit
-from stages.lib.training import TrainSpec, evaluate, fit, read_history
+from stages.lib.training import TrainSpec, evaluate, fit
 
 EPOCHS = 4
 
@@ -33,9 +35,9 @@ def _splits() -> tuple[TensorSplit, TensorSplit]:
     return train, val
 
 
-def _step(m, x, y, epoch):
-    logits = m(x)
-    return logits, {"ce": F.cross_entropy(logits, y)}
+def read_history(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return [{k: float(v) if v != "" else None for k, v in row.items()} for row in csv.DictReader(f)]
 
 
 def _train(model: nn.Module, out: Path, snapshots: dict[int, dict], stop_in_epoch: int | None = None) -> dict:
@@ -49,7 +51,7 @@ def _train(model: nn.Module, out: Path, snapshots: dict[int, dict], stop_in_epoc
 
     train, val = _splits()
     spec = TrainSpec(epochs=EPOCHS, lr=0.1, momentum=0.9, weight_decay=5e-4, milestones=[0.5], lr_decay=0.1)
-    return fit(model=model, step=_step, train=train, val=val, spec=spec, out_dir=out, device="cpu", label="tiny",
+    return fit(distiller=CE(model), train=train, val=val, spec=spec, out_dir=out, device="cpu", label="tiny",
                log=lambda m: None, extra_row=after_epoch)
 
 
@@ -69,7 +71,7 @@ def test_resumed_weights_equal_an_uninterrupted_runs(tmp_path):
     model = _tiny_net(7)  # a new process builds a freshly initialised model: resume must overwrite it
     train, val = _splits()
     spec = TrainSpec(epochs=EPOCHS, lr=0.1, momentum=0.9, weight_decay=5e-4, milestones=[0.5], lr_decay=0.1)
-    got = fit(model=model, step=_step, train=train, val=val, spec=spec, out_dir=tmp_path / "resumed", device="cpu",
+    got = fit(distiller=CE(model), train=train, val=val, spec=spec, out_dir=tmp_path / "resumed", device="cpu",
               label="tiny", log=logs.append,
               extra_row=lambda e: resumed.__setitem__(e, {k: v.detach().clone() for k, v in model.state_dict().items()}) or {})
     assert any("resuming after epoch 2/4" in line for line in logs), logs

@@ -16,33 +16,28 @@ EXPECTED_WEIGHT = [0.0, 0.0, ALPHA * 2.0, ALPHA * 0.5]  # alpha * the schedule's
 
 
 def test_distill_applies_the_norm_schedule_epoch_by_epoch(make_ctx, upstream, monkeypatch):
+    import models.distillers as distillers
     from pipeline.graph import stage_module
 
     distill = stage_module("distill")
-    from stages.lib import training as T
 
     cfg = upstream["cfg"]
     cfg = cfg.model_copy(update={"distill": cfg.distill.model_copy(update=dict(
         epochs=4, batch_size=128, lr=0.05, alpha=ALPHA, norm_schedule=SCHEDULE))})
     current: dict[str, int] = {}
     applied: dict[int, set[float]] = {}
-    real_fit, real_losses = T.fit, distill.distill_losses
+    real_forward, real_losses = distillers.NORM.forward_train, distillers.distill_losses
 
-    def fit(**kw):
-        step = kw["step"]
-
-        def spy(m, x, y, epoch):
-            current["epoch"] = epoch
-            return step(m, x, y, epoch)
-
-        return real_fit(**{**kw, "step": spy})
+    def forward_train(self, x, y, epoch):  # the epoch fit() hands the distiller
+        current["epoch"] = epoch
+        return real_forward(self, x, y, epoch)
 
     def losses(*a, **kw):
         applied.setdefault(current["epoch"], set()).add(kw["alpha"] * kw["norm_multiplier"])
         return real_losses(*a, **kw)
 
-    monkeypatch.setattr(T, "fit", fit)
-    monkeypatch.setattr(distill, "distill_losses", losses)
+    monkeypatch.setattr(distillers.NORM, "forward_train", forward_train)
+    monkeypatch.setattr(distillers, "distill_losses", losses)
     ctx = make_ctx("distill", cfg=cfg)
     metrics = distill.run(ctx)
 
