@@ -201,7 +201,7 @@ def test_the_runner_releases_followers_before_a_distributed_stage_and_prepare_do
                                                                                         monkeypatch):
     """The torchrun handshake (join the group, release the waiting ranks with rank 0's context) happens once,
     in the runner, before a distributed stage's function runs; training.prepare() only reads rank and device."""
-    import stages.teacher
+    from pipeline.graph import stage_module
     from stages.lib import dist, training
 
     cfg = load_config(None, overrides)
@@ -216,9 +216,11 @@ def test_the_runner_releases_followers_before_a_distributed_stage_and_prepare_do
     def run(ctx):
         events.append(("stage", ctx.out_dir))
         p = training.prepare(ctx, ctx.cfg.teacher, 0)
+        for rel in ("model.pt", "history.csv"):  # the teacher's declared outputs, so the runner records it
+            (ctx.out_dir / rel).write_bytes(b"")
         return {"device": p.device}
 
-    monkeypatch.setattr(stages.teacher, "run", run)
+    monkeypatch.setattr(stage_module("teacher"), "run", run)
     result = runner.run_stage("teacher")
     assert result.status == "done" and result.metrics == {"device": "cpu"}
     assert [e[0] for e in events] == ["start", "stage"]

@@ -61,11 +61,11 @@ def _assert_same(saved_path, module):
 
 
 def test_teacher_stage_weights_equal_the_old_closures(make_ctx, upstream, tmp_path):
-    import stages.teacher
+    from pipeline.graph import stage_module
 
     cfg = _cfg(upstream, "teacher", model="resnet8")
     ctx = make_ctx("teacher", cfg=cfg)
-    stages.teacher.run(ctx)
+    stage_module("teacher").run(ctx)
 
     ref = _reference_ctx(ctx, tmp_path)
     c = ref.cfg.teacher
@@ -82,11 +82,11 @@ def test_teacher_stage_weights_equal_the_old_closures(make_ctx, upstream, tmp_pa
 
 
 def test_baseline_kd_stage_weights_equal_the_old_closures(make_ctx, upstream, tmp_path):
-    import stages.baseline
+    from pipeline.graph import stage_module
 
     cfg = _cfg(upstream, "baseline", methods=["kd"], kd_weight=0.7, temperature=3.0)
     ctx = make_ctx("baseline", cfg=cfg)
-    stages.baseline.run(ctx)
+    stage_module("baseline").run(ctx)
 
     ref = _reference_ctx(ctx, tmp_path)
     c = ref.cfg.baseline
@@ -107,13 +107,13 @@ def test_baseline_kd_stage_weights_equal_the_old_closures(make_ctx, upstream, tm
 
 
 def test_distill_stage_weights_equal_the_old_closures(make_ctx, upstream, tmp_path):
-    import stages.distill
+    from pipeline.graph import stage_module
 
     beta = 0.4  # NORM + KD: every term (NORM alone is covered term by term in tests/models/test_distillers.py)
     schedule = [(0.5, 0.5), (1.0, 2.0)]
     cfg = _cfg(upstream, "distill", alpha=1.5, beta=beta, gamma=0.8, temperature=3.0, norm_schedule=schedule)
     ctx = make_ctx("distill", cfg=cfg)
-    stages.distill.run(ctx)
+    stage_module("distill").run(ctx)
 
     ref = _reference_ctx(ctx, tmp_path)
     c = ref.cfg.distill
