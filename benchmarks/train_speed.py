@@ -29,7 +29,7 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+import torch.nn.functional as functional
 
 from _clock import add_clock_args, configure_clock
 from models.distillers import NORM
@@ -127,10 +127,10 @@ def reference_loss(teacher, ns, x: torch.Tensor, y: torch.Tensor, *, n: int, bet
         logit_t = teacher.forward_head(feat_t) if beta > 0 else None
     logits, expanded = ns(x)
     if feat_t.shape[-2:] != expanded.shape[-2:]:
-        feat_t = F.adaptive_max_pool2d(feat_t, expanded.shape[-2:])
-    loss = F.cross_entropy(logits, y) + n * F.mse_loss(expanded, feat_t.repeat(1, n, 1, 1))
+        feat_t = functional.adaptive_max_pool2d(feat_t, expanded.shape[-2:])
+    loss = functional.cross_entropy(logits, y) + n * functional.mse_loss(expanded, feat_t.repeat(1, n, 1, 1))
     if beta > 0:
-        kd = F.kl_div(F.log_softmax(logits / temperature, dim=1), F.softmax(logit_t / temperature, dim=1),
+        kd = functional.kl_div(functional.log_softmax(logits / temperature, dim=1), functional.softmax(logit_t / temperature, dim=1),
                       reduction="batchmean") * temperature**2
         loss = loss + beta * kd
     return loss

@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+import torch.nn.functional as functional
 
 from models.losses import distill_losses, kd_loss, norm_weight, standardize_logits
 from models.norm import NormStudent
@@ -88,7 +88,7 @@ class CE(Distiller):
 
     def forward_train(self, x, y, epoch):
         logits = self.student(x)
-        return logits, {"ce": F.cross_entropy(_standardized(logits, self.logit_scale), y)}
+        return logits, {"ce": functional.cross_entropy(_standardized(logits, self.logit_scale), y)}
 
 
 class KD(Distiller):
@@ -108,7 +108,7 @@ class KD(Distiller):
         with torch.no_grad():
             t = self.teacher(x)
         t = _standardized(t, self.logit_scale)
-        return logits, {"ce": (1 - self.kd_weight) * F.cross_entropy(z, y),
+        return logits, {"ce": (1 - self.kd_weight) * functional.cross_entropy(z, y),
                         "kd": self.kd_weight * kd_loss(z, t, self.temperature)}
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
+import torch.nn.functional as functional
 
 
 def align_teacher_features(teacher_features: torch.Tensor, student_hw: Sequence[int]) -> torch.Tensor:
@@ -15,7 +15,7 @@ def align_teacher_features(teacher_features: torch.Tensor, student_hw: Sequence[
         return teacher_features
     if th < sh or tw < sw:
         raise ValueError(f"teacher map {th}x{tw} is smaller than the student's {sh}x{sw}; NORM needs teacher >= student")
-    return F.adaptive_max_pool2d(teacher_features, (sh, sw))
+    return functional.adaptive_max_pool2d(teacher_features, (sh, sw))
 
 
 def norm_loss(expanded: torch.Tensor, teacher_features: torch.Tensor, n: int) -> torch.Tensor:
@@ -33,14 +33,14 @@ def norm_loss(expanded: torch.Tensor, teacher_features: torch.Tensor, n: int) ->
         raise ValueError(f"expanded map has {c} channels, expected N*C_t = {n}*{ct}")
     groups = expanded.view(b, n, ct, h, w)  # channel k*C_t + j is group k's channel j (a view: any memory format)
     target = teacher.detach().to(expanded.dtype).unsqueeze(1).expand(b, n, ct, h, w)  # stride 0 over the groups
-    return n * F.mse_loss(groups, target)
+    return n * functional.mse_loss(groups, target)
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0) -> torch.Tensor:
     """Hinton KD: KL(softmax(t/T) || softmax(s/T)) * T^2, averaged over the batch."""
-    log_p_s = F.log_softmax(student_logits / temperature, dim=1)
-    p_t = F.softmax(teacher_logits.detach() / temperature, dim=1)
-    return F.kl_div(log_p_s, p_t, reduction="batchmean") * temperature**2
+    log_p_s = functional.log_softmax(student_logits / temperature, dim=1)
+    p_t = functional.softmax(teacher_logits.detach() / temperature, dim=1)
+    return functional.kl_div(log_p_s, p_t, reduction="batchmean") * temperature**2
 
 
 # The authors' layer norm on the logits uses eps 1e-7 (their helper/loops.py), not torch's default 1e-5:
@@ -50,7 +50,7 @@ LOGIT_LN_EPS = 1e-7
 
 def standardize_logits(logits: torch.Tensor, scale: float = 2.5, eps: float = LOGIT_LN_EPS) -> torch.Tensor:
     """Layer norm over classes (no affine, eps 1e-7 as the authors) times ``scale``: a training-only trick."""
-    return F.layer_norm(logits, logits.shape[-1:], eps=eps) * scale
+    return functional.layer_norm(logits, logits.shape[-1:], eps=eps) * scale
 
 
 def norm_weight(progress: float, schedule: Sequence[tuple[float, float]]) -> float:
@@ -84,7 +84,7 @@ def distill_losses(
     if logit_scale is not None:
         s_logits = standardize_logits(logits, logit_scale)
         t_logits = standardize_logits(teacher_logits, logit_scale) if teacher_logits is not None else None
-    terms: dict[str, torch.Tensor] = {"ce": gamma * F.cross_entropy(s_logits, labels)}
+    terms: dict[str, torch.Tensor] = {"ce": gamma * functional.cross_entropy(s_logits, labels)}
     if beta > 0:
         if t_logits is None:
             raise ValueError("beta > 0 (KD) needs teacher logits")

@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(chosen)} mutations, {stale} stale")
         return 1 if stale else 0
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from stages.lib.progress import progress_bar
 
     console = Console(width=None if sys.stdout.isatty() else 200)
     files = source_files(ROOT)
@@ -197,8 +197,7 @@ def main(argv: list[str] | None = None) -> int:
             baseline(tree, chosen, args.timeout, args.pytest_arg)
             trees.put(tree)
         results: list[Result] = []
-        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      console=console, transient=True) as progress:
+        with progress_bar(console=console) as progress:
             task = progress.add_task("mutations", total=len(chosen))
 
             def job(m: Mutation) -> Result:

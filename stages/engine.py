@@ -18,6 +18,7 @@ import numpy as np
 from stages.lib.context import StageContext
 from stages.lib.dataset_meta import DatasetMeta
 from stages.lib.errors import PipelineError
+from stages.lib.progress import progress_bar
 
 RULE = "element fails if |a-b| > atol and |a-b| > rtol*|b| (Polygraphy)"
 # int8 logits are not compared element-wise: its top-1 is gated against fp32 (quantize.max_drop, bundle stage)
@@ -78,15 +79,13 @@ class _Tally:
 def evaluate(session: Any, runners: dict[str, Any], batches: Iterable, *, min_batch: int,
              tolerances: dict[str, tuple[float, float]], total: int | None = None) -> dict:
     """Run onnxruntime and every engine over ``batches`` of (x, y); per-precision parity and accuracy."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from stages.lib.onnx_utils import run_ort
 
     tallies = {p: _Tally(*tolerances[p]) for p in runners}
     ort_correct = seen = 0
-    with Progress(TextColumn("[bold]engine parity"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  transient=True) as progress:
-        task = progress.add_task("parity", total=total)
+    with progress_bar() as progress:
+        task = progress.add_task("engine parity", total=total)
         for xb, yb in batches:
             x, y = np.ascontiguousarray(np.asarray(xb, dtype=np.float32)), np.asarray(yb)
             ref = run_ort(session, x)

@@ -26,6 +26,7 @@ from stages.lib.dataset_meta import DatasetMeta
 from stages.lib.datasets import val_batches
 from stages.lib.errors import PipelineError
 from stages.lib.io import sha256_file
+from stages.lib.progress import progress_bar
 
 FILES = {"merged": "model.onnx", "vanilla": "vanilla.onnx", "unmerged": "unmerged.onnx", "teacher": "teacher.onnx"}
 
@@ -99,18 +100,11 @@ def parity(model: nn.Module, path: Path, x: torch.Tensor, *, batch: int, atol: f
     return {"samples": int(len(x)), **out}
 
 
-def _progress():
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    transient=True)
-
-
 def export_all(models: dict, meta: dict, out_dir: Path, example: torch.Tensor, *, opset: int, max_batch: int,
                exporter: str = "auto") -> dict:
     """Export every model to its file; kind -> export facts (exporter, seconds, size, sha256)."""
     facts = {}
-    with _progress() as progress:
+    with progress_bar() as progress:
         task = progress.add_task("ONNX export", total=len(models))
         for kind, m in models.items():
             source_sha = sha256_file(m["source"])
@@ -141,7 +135,7 @@ def run(ctx: StageContext) -> dict:
     example = x[:2] if len(x) >= 2 else x.repeat(2, 1, 1, 1)  # batch >= 2: sizes 0/1 would be specialised
     facts = export_all(models, meta, ctx.out_dir, example, opset=c.opset, max_batch=c.max_batch, exporter=c.exporter)
 
-    with _progress() as progress:
+    with progress_bar() as progress:
         task = progress.add_task("onnxruntime parity", total=len(models))
         for kind, m in models.items():
             facts[kind]["parity"] = parity(m["model"], ctx.out_dir / FILES[kind], x, batch=batch, atol=c.atol, rtol=c.rtol)

@@ -30,6 +30,7 @@ from stages.lib.dataset_meta import DatasetMeta
 from stages.lib.errors import PipelineError
 from stages.lib.io import atomic_write_bytes
 from stages.lib.latency_verdict import speed_verdict
+from stages.lib.progress import progress_bar
 
 # (label, candidate, reference): ratio = median(candidate) / median(reference)
 PAIRS = (("int8_vs_fp32", "int8", "fp32"), ("aa", "fp32_b", "fp32"))
@@ -83,14 +84,12 @@ def quantize_int8(src: Path, dst: Path, calib: np.ndarray, *, method: str, batch
 # ----------------------------------------------------------------------------- accuracy
 def evaluate(sessions: dict[str, Any], batches, total: int | None = None) -> dict:
     """Top-1 of every session over ``batches`` of (x, y); agreement and max abs diff against ``fp32``."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from stages.lib.onnx_utils import run_ort
 
     correct, agree, maxdiff, seen = Counter(), Counter(), {n: 0.0 for n in sessions}, 0
-    with Progress(TextColumn("[bold]quantize: accuracy"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  transient=True) as progress:
-        task = progress.add_task("accuracy", total=total)
+    with progress_bar() as progress:
+        task = progress.add_task("quantize: accuracy", total=total)
         for xb, yb in batches:
             outs = {n: run_ort(s, xb) for n, s in sessions.items()}
             ref = outs["fp32"]

@@ -31,6 +31,7 @@ from stages.lib.datasets import val_batches
 from stages.lib.errors import PipelineError
 from stages.lib.flops import count_flops, count_params
 from stages.lib.verify_checks import failures, state_signature
+from stages.lib.progress import progress_bar
 
 
 @contextlib.contextmanager
@@ -45,13 +46,6 @@ def exact_float32() -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def _progress():
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    transient=True)
-
-
 @torch.no_grad()
 def compare_logits(model: nn.Module, reference: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
                    *, label: str, total: Optional[int] = None, keep: int = 0) -> tuple[dict, list]:
@@ -61,7 +55,7 @@ def compare_logits(model: nn.Module, reference: nn.Module, batches: Iterable[tup
     """
     max_abs, max_ref, agree, hit_m, hit_r, n = 0.0, 0.0, 0, 0, 0, 0
     kept: list[tuple[torch.Tensor, torch.Tensor]] = []
-    with _progress() as progress:
+    with progress_bar() as progress:
         task = progress.add_task(label, total=total)
         for x, y in batches:
             a, b = model(x), reference(x)

@@ -10,7 +10,7 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+import torch.nn.functional as functional
 
 from models.base import ClassifierHead, ContractNet
 from models.registry import register_model
@@ -37,13 +37,13 @@ class ShuffleBottleneck(nn.Module):
         self.shortcut = nn.AvgPool2d(3, stride=2, padding=1) if stride == 2 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
+        out = functional.relu(self.bn1(self.conv1(x)))
         out = channel_shuffle(out, self.g1)
-        out = F.relu(self.bn2(self.conv2(out)))
+        out = functional.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
         res = self.shortcut(x)
         out = torch.cat([out, res], 1) if self.stride == 2 else out + res
-        return F.relu(out)
+        return functional.relu(out)
 
 
 class ShuffleNetV1(ContractNet):
@@ -75,7 +75,7 @@ class ShuffleNetV1(ContractNet):
         init_weights(self)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn1(self.conv1(x)))
+        x = functional.relu(self.bn1(self.conv1(x)))
         return self.stages(x)
 
 

@@ -329,10 +329,10 @@ def make_splits(meta: dict, *, batch_size: int, eval_batch_size: int, device: st
 
 
 def image_folder_transforms(size: int, mean: list[float], std: list[float]):
-    from torchvision import transforms as T
+    from torchvision import transforms
 
-    train = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
-    val = T.Compose([T.Resize(int(round(size * 256 / 224))), T.CenterCrop(size), T.ToTensor(), T.Normalize(mean, std)])
+    train = transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(), transforms.ToTensor(), transforms.Normalize(mean, std)])
+    val = transforms.Compose([transforms.Resize(int(round(size * 256 / 224))), transforms.CenterCrop(size), transforms.ToTensor(), transforms.Normalize(mean, std)])
     return train, val
 
 

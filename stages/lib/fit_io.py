@@ -47,10 +47,9 @@ def _fmt(v) -> str:
 
 
 def progress_display(disable: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from stages.lib.progress import progress_bar
 
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TimeRemainingColumn(), TextColumn("{task.fields[info]}"), disable=disable, transient=True)
+    return progress_bar(eta=True, info=True, disable=disable)
 
 
 def stage_clock(spec, train, val, start_epoch: int):

@@ -18,6 +18,7 @@ import torch
 from stages.lib import conditions, timing
 from stages.lib.errors import PipelineError
 from stages.lib.latency_verdict import VERDICT_BACKEND
+from stages.lib.progress import progress_bar
 
 MODELS = ("vanilla", "vanilla_b", "merged", "unmerged", "teacher")  # the stage's models, in display order
 # (metric prefix, candidate, reference): ratio = median(candidate) / median(reference)
@@ -201,12 +202,10 @@ def time_cell(be: Backend, x: np.ndarray, c: Any, seed: int, *, verdict: bool, p
 def time_cells(backends: list[Backend], inputs: dict[int, np.ndarray], c: Any, seed: int, default_threads: int,
                device: str = "cpu") -> list[dict]:
     """Every (backend, batch) cell under one progress bar; a failing informational cell is recorded, not fatal."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     target = verdict_target(backends, list(inputs))
     cells: list[dict] = []
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  transient=True) as progress:
+    with progress_bar() as progress:
         task = progress.add_task("benchmark", total=len(backends) * len(inputs))
         for be in backends:
             torch.set_num_threads(c.threads if be.name == "torch_cpu" else default_threads)

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
+import torch.nn.functional as functional
 
 from models.distillers import CE, KD, NORM
 from models.losses import distill_losses, kd_loss, norm_weight, standardize_logits
@@ -36,7 +36,7 @@ def old_teacher_step(scale):
     def step(m, x, y, epoch):
         logits = m(x)
         z = standardize_logits(logits, scale) if scale else logits
-        return logits, {"ce": F.cross_entropy(z, y)}
+        return logits, {"ce": functional.cross_entropy(z, y)}
 
     return step
 
@@ -48,7 +48,7 @@ def old_baseline_kd_step(teacher, *, kd_weight, temperature, scale):
         with torch.no_grad():
             t = teacher(x)
         t = standardize_logits(t, scale) if scale else t
-        return logits, {"ce": (1 - kd_weight) * F.cross_entropy(z, y), "kd": kd_weight * kd_loss(z, t, temperature)}
+        return logits, {"ce": (1 - kd_weight) * functional.cross_entropy(z, y), "kd": kd_weight * kd_loss(z, t, temperature)}
 
     return step
 

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
+import torch.nn.functional as functional
 
 from models.losses import distill_losses, kd_loss, norm_loss, norm_weight, standardize_logits
 from pipeline.config import DistillCfg
@@ -60,7 +60,7 @@ def test_norm_loss_max_pools_larger_teacher(t_hw: tuple[int, int], s_hw: tuple[i
     teacher = torch.randn(2, c_t, *t_hw, generator=_gen(2))
     expanded = torch.randn(2, n * c_t, *s_hw, generator=_gen(3))
     pooled = _max_pool_by_hand(teacher, *s_hw)
-    assert torch.equal(pooled, F.adaptive_max_pool2d(teacher, s_hw))
+    assert torch.equal(pooled, functional.adaptive_max_pool2d(teacher, s_hw))
     assert torch.allclose(norm_loss(expanded, teacher, n).double(), _brute_norm(expanded, pooled, n), rtol=1e-5)
 
 
@@ -124,11 +124,11 @@ def test_standardize_logits_uses_the_authors_eps() -> None:
     logits = torch.randn(8, 10, generator=_gen(10), dtype=torch.float64) * 1e-3  # variance ~1e-6: eps matters
     by_hand = (logits - logits.mean(1, keepdim=True)) / (logits.var(1, unbiased=False, keepdim=True) + 1e-7).sqrt()
     assert torch.allclose(standardize_logits(logits, 2.5), by_hand * 2.5, rtol=1e-12, atol=0)
-    torch_default = F.layer_norm(logits, (10,)) * 2.5  # eps 1e-5
+    torch_default = functional.layer_norm(logits, (10,)) * 2.5  # eps 1e-5
     assert (standardize_logits(logits, 2.5) - torch_default).abs().max() > 1.0
     labels = torch.arange(8) % 10
     _, terms = distill_losses(logits, labels, alpha=0.0, logit_scale=2.5)
-    assert torch.allclose(terms["ce"], F.cross_entropy(by_hand * 2.5, labels), rtol=1e-12)
+    assert torch.allclose(terms["ce"], functional.cross_entropy(by_hand * 2.5, labels), rtol=1e-12)
 
 
 def _authors_weight(epoch: int) -> float:
@@ -173,7 +173,7 @@ def test_distill_losses_keys_and_weights() -> None:
     total, terms = distill_losses(logits, labels, expanded=expanded, teacher_features=tf, teacher_logits=tl, n=2,
                                   alpha=0.7, beta=0.3, gamma=0.5, norm_multiplier=0.1, temperature=4.0)
     assert set(terms) == {"ce", "kd", "norm"}
-    assert torch.allclose(terms["ce"], 0.5 * F.cross_entropy(logits, labels))
+    assert torch.allclose(terms["ce"], 0.5 * functional.cross_entropy(logits, labels))
     assert torch.allclose(terms["kd"], 0.3 * kd_loss(logits, tl, 4.0))
     assert torch.allclose(terms["norm"], 0.7 * 0.1 * norm_loss(expanded, tf, 2))
     assert torch.allclose(total, terms["ce"] + terms["kd"] + terms["norm"])
@@ -185,7 +185,7 @@ def test_distill_losses_norm_only_has_no_kd() -> None:
     logits, labels, expanded, tf, _ = _batch()
     total, terms = distill_losses(logits, labels, expanded=expanded, teacher_features=tf, n=2, beta=0.0)
     assert set(terms) == {"ce", "norm"}
-    assert torch.allclose(total, F.cross_entropy(logits, labels) + norm_loss(expanded, tf, 2))
+    assert torch.allclose(total, functional.cross_entropy(logits, labels) + norm_loss(expanded, tf, 2))
 
 
 def test_distill_losses_ce_only_and_standardized() -> None:
@@ -193,7 +193,7 @@ def test_distill_losses_ce_only_and_standardized() -> None:
     total, terms = distill_losses(logits, labels, alpha=1.0, beta=0.0)
     assert set(terms) == {"ce"}
     _, terms = distill_losses(logits, labels, teacher_logits=tl, beta=1.0, logit_scale=2.5)
-    assert torch.allclose(terms["ce"], F.cross_entropy(standardize_logits(logits, 2.5), labels))
+    assert torch.allclose(terms["ce"], functional.cross_entropy(standardize_logits(logits, 2.5), labels))
     assert torch.allclose(terms["kd"], kd_loss(standardize_logits(logits, 2.5), standardize_logits(tl, 2.5)))
 
 

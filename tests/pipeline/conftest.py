@@ -19,10 +19,10 @@ def interrupt_teacher_in_epoch_2(monkeypatch):
     """Run the teacher stage and Ctrl-C it while epoch 2 evaluates (epoch 1's checkpoint is on disk)."""
 
     def run(cfg, run_dir: Path) -> None:
-        import stages.lib.training as T
+        from stages.lib import training
         from pipeline.runner import Runner
 
-        real_eval, calls = T.evaluate, {"n": 0}
+        real_eval, calls = training.evaluate, {"n": 0}
 
         def interrupt_in_epoch_2(*a, **k):
             calls["n"] += 1
@@ -30,10 +30,10 @@ def interrupt_teacher_in_epoch_2(monkeypatch):
                 raise KeyboardInterrupt
             return real_eval(*a, **k)
 
-        monkeypatch.setattr(T, "evaluate", interrupt_in_epoch_2)
+        monkeypatch.setattr(training, "evaluate", interrupt_in_epoch_2)
         with pytest.raises(KeyboardInterrupt):
             Runner(cfg, run_dir, log=lambda m: None).run_stage("teacher")
-        monkeypatch.setattr(T, "evaluate", real_eval)
+        monkeypatch.setattr(training, "evaluate", real_eval)
         assert (run_dir / ".teacher.work" / "ckpt" / "last.pt").is_file()
 
     return run

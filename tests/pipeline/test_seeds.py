@@ -105,14 +105,14 @@ def test_summary_and_card_report_the_paired_difference(seeded):
 
 
 def test_rerun_with_seeds_is_all_cached(seeded, monkeypatch):
-    import stages.lib.training as T
+    from stages.lib import training
 
     run_dir, overrides, _ = seeded
 
     def no_training(*a, **k):
         raise AssertionError("trained again")
 
-    monkeypatch.setattr(T, "fit", no_training)
+    monkeypatch.setattr(training, "fit", no_training)
     res = _invoke(["run", "--run-dir", str(run_dir), "--seeds", "0,1", "--to", "distill"], overrides, run_dir.parent)
     assert res.exit_code == 0, res.output
     assert "done in" not in res.output

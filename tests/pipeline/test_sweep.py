@@ -148,7 +148,7 @@ def test_json_table_and_html_hold_the_means(swept):
 
 
 def test_rerun_is_instant(swept, monkeypatch):
-    import stages.lib.training as T
+    from stages.lib import training
 
     run_dir, overrides, _ = swept
     before = (run_dir / "sweep" / "sweep.json").read_text()
@@ -156,7 +156,7 @@ def test_rerun_is_instant(swept, monkeypatch):
     def no_training(*a, **k):
         raise AssertionError("a finished sweep trained again")
 
-    monkeypatch.setattr(T, "fit", no_training)
+    monkeypatch.setattr(training, "fit", no_training)
     res = _sweep(run_dir, overrides)
     assert res.exit_code == 0, res.output
     assert "done in" not in res.output and "restored" not in res.output

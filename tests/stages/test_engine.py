@@ -100,21 +100,21 @@ def test_fp16_conversion_close_to_fp32(export_dir, val_x, tmp_path):
 def _synthetic(path: Path) -> None:
     """Constants, Resize scales (fp32-only input), ConstantOfShape, an internal Cast, two outputs."""
     import onnx
-    from onnx import TensorProto as T, helper as h, numpy_helper as nh
+    from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
-    inits = [nh.from_array(rng.standard_normal((4, 2, 3, 3)).astype(np.float32), "W"),
-             nh.from_array(np.array([1, 1, 2, 2], np.float32), "scales"), nh.from_array(np.array([1, 4, 1, 1], np.int64), "shape"),
-             nh.from_array(np.array([1e6, 1.0, 1e6, 2.0], np.float32).reshape(1, 4, 1, 1), "big")]
-    nodes = [h.make_node("Conv", ["x", "W"], ["c"], pads=[1, 1, 1, 1]), h.make_node("Constant", [], ["k"], value_float=0.5),
-             h.make_node("Mul", ["c", "k"], ["m"]), h.make_node("Resize", ["m", "", "scales"], ["r"], mode="nearest"),
-             h.make_node("ConstantOfShape", ["shape"], ["z"]), h.make_node("Add", ["r", "z"], ["a"]),
-             h.make_node("Cast", ["a"], ["a32"], to=T.FLOAT), h.make_node("Relu", ["a32"], ["y"]),
-             h.make_node("GlobalAveragePool", ["y"], ["out"]), h.make_node("Min", ["out", "big"], ["out2"])]
-    graph = h.make_graph(nodes, "syn", [h.make_tensor_value_info("x", T.FLOAT, ["b", 2, 5, 5])],
-                         [h.make_tensor_value_info("out2", T.FLOAT, ["b", 4, 1, 1]),
-                          h.make_tensor_value_info("y", T.FLOAT, ["b", 4, 10, 10])], inits)
-    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 18)])
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 2, 3, 3)).astype(np.float32), "W"),
+             numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales"), numpy_helper.from_array(np.array([1, 4, 1, 1], np.int64), "shape"),
+             numpy_helper.from_array(np.array([1e6, 1.0, 1e6, 2.0], np.float32).reshape(1, 4, 1, 1), "big")]
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Constant", [], ["k"], value_float=0.5),
+             helper.make_node("Mul", ["c", "k"], ["m"]), helper.make_node("Resize", ["m", "", "scales"], ["r"], mode="nearest"),
+             helper.make_node("ConstantOfShape", ["shape"], ["z"]), helper.make_node("Add", ["r", "z"], ["a"]),
+             helper.make_node("Cast", ["a"], ["a32"], to=TensorProto.FLOAT), helper.make_node("Relu", ["a32"], ["y"]),
+             helper.make_node("GlobalAveragePool", ["y"], ["out"]), helper.make_node("Min", ["out", "big"], ["out2"])]
+    graph = helper.make_graph(nodes, "syn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 2, 5, 5])],
+                         [helper.make_tensor_value_info("out2", TensorProto.FLOAT, ["b", 4, 1, 1]),
+                          helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 4, 10, 10])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = 9
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
@@ -133,13 +133,13 @@ def test_fp16_conversion_edge_cases(tmp_path):
 
 def test_fp16_conversion_refuses_subgraphs(tmp_path):
     import onnx
-    from onnx import TensorProto as T, helper as h
+    from onnx import TensorProto, helper
 
-    branch = h.make_graph([h.make_node("Identity", ["x"], ["o"])], "b", [], [h.make_tensor_value_info("o", T.FLOAT, [1])])
-    node = h.make_node("If", ["cond"], ["y"], then_branch=branch, else_branch=branch)
-    g = h.make_graph([node], "g", [h.make_tensor_value_info("cond", T.BOOL, []), h.make_tensor_value_info("x", T.FLOAT, [1])],
-                     [h.make_tensor_value_info("y", T.FLOAT, [1])])
-    onnx.save(h.make_model(g, opset_imports=[h.make_opsetid("", 18)]), str(tmp_path / "if.onnx"))
+    branch = helper.make_graph([helper.make_node("Identity", ["x"], ["o"])], "b", [], [helper.make_tensor_value_info("o", TensorProto.FLOAT, [1])])
+    node = helper.make_node("If", ["cond"], ["y"], then_branch=branch, else_branch=branch)
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("cond", TensorProto.BOOL, []), helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                     [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]), str(tmp_path / "if.onnx"))
     with pytest.raises(PipelineError, match="subgraph"):
         trt_build.convert_onnx_to_fp16(tmp_path / "if.onnx", tmp_path / "out.onnx")
     assert not (tmp_path / "out.onnx").exists()

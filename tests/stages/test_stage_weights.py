@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-import torch.nn.functional as F
+import torch.nn.functional as functional
 
 from models.distillers import Distiller
 from models.losses import distill_losses, kd_loss, norm_weight, standardize_logits
@@ -75,7 +75,7 @@ def test_teacher_stage_weights_equal_the_old_closures(make_ctx, upstream, tmp_pa
     def step(m, x, y, epoch):
         logits = m(x)
         z = standardize_logits(logits, SCALE)
-        return logits, {"ce": F.cross_entropy(z, y)}
+        return logits, {"ce": functional.cross_entropy(z, y)}
 
     _fit(ref, c, Closure(model, step), p)
     _assert_same(ctx.out_dir / "model.pt", model)
@@ -100,7 +100,7 @@ def test_baseline_kd_stage_weights_equal_the_old_closures(make_ctx, upstream, tm
         with torch.no_grad():
             t = teacher(x)
         t = standardize_logits(t, SCALE)
-        return logits, {"ce": 0.3 * F.cross_entropy(z, y), "kd": 0.7 * kd_loss(z, t, 3.0)}
+        return logits, {"ce": 0.3 * functional.cross_entropy(z, y), "kd": 0.7 * kd_loss(z, t, 3.0)}
 
     _fit(ref, c, Closure(student, step, teacher), p)
     _assert_same(ctx.out_dir / "kd" / "model.pt", student)

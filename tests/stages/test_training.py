@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+import torch.nn.functional as functional
 
 from models.distillers import CE
 from stages.lib.datasets import TensorSplit
@@ -91,4 +91,4 @@ def test_evaluate_counts_top1_top5_and_the_loss():
     y = torch.tensor([0, 2, 0])  # right; second guess (top-5, not top-1); last place (neither)
     got = evaluate(lambda x: x, [(logits[:2], y[:2]), (logits[2:], y[2:])])
     assert got["top1"] == pytest.approx(1 / 3) and got["top5"] == pytest.approx(2 / 3)
-    assert got["loss"] == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-6)
+    assert got["loss"] == pytest.approx(functional.cross_entropy(logits, y).item(), rel=1e-6)

@@ -25,17 +25,17 @@ def tiny_onnx(path: Path, fp16_io: bool = False) -> Path:
     """input [batch, 1, 28, 28] -> Flatten -> MatMul -> Add -> logits [batch, 10]; fp16 throughout when fp16_io
     (what ModelOpt AutoCast gives with keep_io_types=False)."""
     import onnx
-    from onnx import TensorProto as T, helper as h, numpy_helper as nh
+    from onnx import TensorProto, helper, numpy_helper
 
-    dt, et = (np.float16, T.FLOAT16) if fp16_io else (np.float32, T.FLOAT)
+    dt, et = (np.float16, TensorProto.FLOAT16) if fp16_io else (np.float32, TensorProto.FLOAT)
     rng = np.random.default_rng(0)
-    inits = [nh.from_array((rng.standard_normal((784, 10)) * 0.05).astype(dt), "W"),
-             nh.from_array(rng.standard_normal(10).astype(dt), "b")]
-    nodes = [h.make_node("Flatten", ["input"], ["f"]), h.make_node("MatMul", ["f", "W"], ["m"]),
-             h.make_node("Add", ["m", "b"], ["logits"])]
-    g = h.make_graph(nodes, "tiny", [h.make_tensor_value_info("input", et, ["batch", 1, 28, 28])],
-                     [h.make_tensor_value_info("logits", et, ["batch", 10])], inits)
-    model = h.make_model(g, opset_imports=[h.make_opsetid("", 18)])
+    inits = [numpy_helper.from_array((rng.standard_normal((784, 10)) * 0.05).astype(dt), "W"),
+             numpy_helper.from_array(rng.standard_normal(10).astype(dt), "b")]
+    nodes = [helper.make_node("Flatten", ["input"], ["f"]), helper.make_node("MatMul", ["f", "W"], ["m"]),
+             helper.make_node("Add", ["m", "b"], ["logits"])]
+    g = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("input", et, ["batch", 1, 28, 28])],
+                     [helper.make_tensor_value_info("logits", et, ["batch", 10])], inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = 9
     onnx.save(model, str(path))
     return path
