@@ -5,13 +5,22 @@ VPY       := $(VENV)/bin/python
 STAMP     := $(VENV)/.installed
 DATA_DIR  := /usr/share/datasets/fashion-mnist
 
-.PHONY: demo test setup data clean bench lint mutate
+.PHONY: demo test setup data clean bench lint format mutate
 
 demo: setup data            ## set everything up and run the full pipeline on Fashion-MNIST
 	$(VENV)/bin/norm-pipeline run -c pipeline.yaml
 
-test: setup data            ## set everything up and run the test suite
+test: setup data lint       ## set everything up, lint, and run the test suite
 	$(VPY) -m pytest -q
+
+lint: setup                 ## ruff (pyflakes, pycodestyle, import order, bugbear) + its formatter's check; mypy on models/ and pipeline/
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+format: setup               ## apply ruff's import sorting and formatter
+	$(VENV)/bin/ruff check --select I --fix .
+	$(VENV)/bin/ruff format .
 
 setup: $(STAMP)
 

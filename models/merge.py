@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn as nn
@@ -30,6 +31,8 @@ class BNAffine:
 
 def bn_affine(bn: nn.BatchNorm2d, dtype: torch.dtype = torch.float64) -> BNAffine:
     """Per-channel scale/shift of a BatchNorm using its running statistics."""
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError("cannot merge a BatchNorm without running statistics (track_running_stats=False)")
     mean = bn.running_mean.to(dtype)
     var = bn.running_var.to(dtype)
     gamma = bn.weight.detach().to(dtype) if bn.weight is not None else torch.ones_like(mean)
@@ -124,17 +127,19 @@ def merge_norm_student(norm_student: NormStudent, inplace: bool = False) -> nn.M
         raise ValueError("cannot merge: the first linear layer has no bias to absorb the FT's shift")
 
     with torch.no_grad():
+        expand_conv, expand_bn = cast(nn.Conv2d, ft.expand[0]), cast(nn.BatchNorm2d, ft.expand[1])  # checked above
+        contract_conv, contract_bn = cast(nn.Conv2d, ft.contract[0]), cast(nn.BatchNorm2d, ft.contract[1])
         a, c = ft_affine(
-            ft.expand[0].weight.detach().double(),
-            bn_affine(ft.expand[1]),
-            ft.contract[0].weight.detach().double(),
-            bn_affine(ft.contract[1]),
+            expand_conv.weight.detach().double(),
+            bn_affine(expand_bn),
+            contract_conv.weight.detach().double(),
+            bn_affine(contract_bn),
             residual=ft.residual,
         )
         w, b = fold_affine_into_linear(fc.weight.detach().double(), fc.bias.detach().double(), a, c)
 
     student = norm_student.student if inplace else copy.deepcopy(norm_student.student)
-    _, new_fc = find_first_linear(student.head)
+    _, new_fc = find_first_linear(cast(nn.Module, student.head))
     with torch.no_grad():
         new_fc.weight.copy_(w.to(new_fc.weight.dtype))
         new_fc.bias.copy_(b.to(new_fc.bias.dtype))

@@ -6,8 +6,12 @@ is what the NORM loss matches, group by group, to the teacher's last-stage featu
 """
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn as nn
+
+from models.base import ContractNet
 
 
 class FeatureTransform(nn.Module):
@@ -55,8 +59,8 @@ class NormStudent(nn.Module):
         for attr in ("forward_features", "forward_head", "num_features"):
             if not hasattr(student, attr):
                 raise ValueError(f"student {type(student).__name__} lacks {attr!r}: it must follow the model contract")
-        self.student = student
-        self.ft = FeatureTransform(student.num_features, teacher_channels, n=n, residual=residual)
+        self.student = cast(ContractNet, student)  # the contract was checked just above
+        self.ft = FeatureTransform(self.student.num_features, teacher_channels, n=n, residual=residual)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.student.forward_features(x)

@@ -36,5 +36,5 @@ def create_model(name: str, num_classes: int = 100, in_chans: int = 3, **kwargs)
     except KeyError:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(sorted(_REGISTRY))}") from None
     model = factory(num_classes=num_classes, in_chans=in_chans, **kwargs)
-    model.model_name = name
+    setattr(model, "model_name", name)  # noqa: B010 - a plain attribute on the module (mypy: not a submodule)
     return model

@@ -86,7 +86,7 @@ class StudentCfg(Section):
 
 
 class BaselineCfg(TrainCfg):
-    methods: list[Literal["ce", "kd"]] = Field(default_factory=lambda: ["ce"])
+    methods: list[Literal["ce", "kd"]] = Field(default=["ce"])  # pydantic copies list defaults per instance
     kd_weight: float = Field(0.9, ge=0, description="KD baseline: weight of the KD term (CE gets 1 - this)")
     temperature: float = Field(4.0, gt=0)
 
@@ -141,7 +141,7 @@ class QuantizeCfg(Section):
 
 class EngineCfg(Section):
     precisions: list[Literal["fp32", "fp16", "int8"]] = Field(
-        default_factory=lambda: ["fp32", "fp16", "int8"],
+        default=["fp32", "fp16", "int8"],
         description="int8 is built from quantize/model_int8.onnx (Q/DQ) when the quantize stage shipped it")
     min_batch: int = Field(1, ge=1)
     opt_batch: int = Field(32, ge=1)
@@ -164,9 +164,7 @@ class EngineCfg(Section):
 
 class BenchmarkCfg(Section):
     batch_sizes: list[int] = Field(default_factory=lambda: [1, 32])
-    backends: list[Literal["torch", "onnxruntime", "tensorrt"]] = Field(
-        default_factory=lambda: ["torch", "onnxruntime", "tensorrt"]
-    )
+    backends: list[Literal["torch", "onnxruntime", "tensorrt"]] = Field(default=["torch", "onnxruntime", "tensorrt"])
     include_teacher: bool = True
     warmup: int = Field(5, ge=0)
     blocks: int = Field(12, ge=2, description="rounds per cell (each runs one block of every model); the verdict "

@@ -71,14 +71,13 @@ class HashCache:
 
     def save(self) -> None:
         """Write the trusted entries back (atomically); a read-only run directory just keeps no cache."""
-        if self._entries is None:
-            self._load()
+        entries = self._load()
         if (not self._dirty and len(self.parsed) == self._parsed_at_load) or self.path is None:
             return
         from stages.lib.io import atomic_write_text
 
         keep = {}
-        for p, e in self._entries.items():
+        for p, e in entries.items():
             if os.path.exists(p):
                 keep[p] = [*e[:5], "disk", e[6]]
         try:

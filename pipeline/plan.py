@@ -65,11 +65,11 @@ class Plan:
 
     # ------------------------------------------------------------------ facts
     def record(self, name: str) -> Optional[dict]:
-        return self._get("record", name, lambda: self.rd.record(name))  # type: ignore[return-value]
+        return self._get("record", name, lambda: self.rd.record(name))
 
     def modified(self, name: str) -> list[str]:
         """Files of ``name`` that no longer match its record (each artifact hashed at most once)."""
-        return self._get("modified", name, lambda: self.rd.modified_files(name) if self.record(name) else [])  # type: ignore[return-value]
+        return self._get("modified", name, lambda: self.rd.modified_files(name) if self.record(name) else [])
 
     def upstream(self, spec: StageSpec) -> dict[str, Optional[dict]]:
         return {n: self.record(n) for n in spec.inputs + spec.optional_inputs}
@@ -85,7 +85,7 @@ class Plan:
 
     def fingerprint(self, name: str) -> str:
         spec = graph.get(name)
-        return self._get("fingerprint", name, lambda: fingerprint(  # type: ignore[return-value]
+        return self._get("fingerprint", name, lambda: fingerprint(
             spec, self.cfg, self.upstream(spec), self._env() if spec.environment else None,
             code=self._code_hash(spec), files=self.file_hashes(spec)))
 
@@ -97,7 +97,7 @@ class Plan:
     # ------------------------------------------------------------------ decision
     def state(self, name: str) -> str:
         """done | skipped | stale | missing | interrupted | modified."""
-        return self._get("state", name, lambda: self._state(name))  # type: ignore[return-value]
+        return self._get("state", name, lambda: self._state(name))
 
     def _state(self, name: str) -> str:
         spec = graph.get(name)

@@ -59,7 +59,7 @@ def device_section(run: Run) -> list[dict]:
                      "runtime": f"{backend.get('name', '?')} {backend.get('version', '')} {','.join(backend.get('providers') or [])}".strip(),
                      "file": art.get("file"), "precision": art.get("precision"),
                      "selftest": {True: "passed", False: "failed", None: "not run"}.get(ok, "not run"),
-                     "state": {True: "yes", False: "no"}.get(ok, "na"),
+                     "state": "na" if ok is None else ("yes" if ok else "no"),
                      "selftest_detail": (f"{st.get('agreeing')}/{st.get('samples')} agree, max abs diff {st.get('max_abs_diff', 0):.2g}"
                                          if ok is not None else st.get("reason", "")),
                      "latency": lat, "created": (rep.get("created") or "")[:19].replace("T", " "),

@@ -184,7 +184,7 @@ def seed_summary(run) -> dict:
             why = "same seed as this run"
         elif not (sub.done("baseline") and sub.done("distill")):
             why = "baseline or distill not finished"
-        elif any(_without_seed(sub.records[s]) != _without_seed(run.records[s]) for s in COMPARED):
+        elif any(_without_seed(sub.records[s] or {}) != _without_seed(run.records[s] or {}) for s in COMPARED):
             why = "trained with another config, data or teacher"
         else:
             why = _stale_reason(d)

@@ -111,7 +111,8 @@ def plan(config_path: Optional[str], overrides: tuple[str, ...], grid: dict[str,
                                     "use values that differ in letters or digits")
             slugs.add(slug)
             combo = {k: yaml.safe_load(v) for k, v in raw.items()}
-            out.append(Planned(combo, raw, cfg.student.seed, label, slug, cfg, ovr))
+            student_seed = cfg.student.seed if cfg.student.seed is not None else cfg.run.seed  # resolved on load
+            out.append(Planned(combo, raw, student_seed, label, slug, cfg, ovr))
     return out
 
 
@@ -125,7 +126,9 @@ def run_sweep(cfg, run_dir: Path, *, grid: tuple[str, ...], seeds: Optional[str]
     from pipeline.stagecache import CACHE_DIR, StageCache
 
     if log is None:
-        from pipeline.session import _log as log
+        from pipeline.session import _log
+
+        log = _log
     names = stages_through(to_stage)
     if seeds is not None:
         seed_list = parse_seeds(seeds)
@@ -191,7 +194,7 @@ def collect(root: Path, runs: list[Planned], grid: dict, seeds: tuple[int, ...],
     best = max(ranked, key=lambda c: c["norm_top1"]["mean"]) if ranked else None
     if best is not None:
         best["best"] = True
-    trained = {n: sorted({(r["stages"][n] or {}).get("trained_in") for r in rows if r["stages"].get(n)} - {None})
+    trained = {n: sorted({t for r in rows if r["stages"].get(n) and (t := (r["stages"][n] or {}).get("trained_in")) is not None})
                for n in names}
     return {"sweep_dir": str(root), "generated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "norm_pipeline_version": __version__, "config": config_path, "overrides": list(overrides),
@@ -215,10 +218,9 @@ def terminal_table(data: dict):
 
     word = {"yes": "[green]yes[/]", "no": "[red]no[/]", "inconclusive": "[yellow]inconclusive[/]", None: "[dim]n/a[/]"}
     t = Table(title=f"sweep {data['sweep_dir']} — mean ± 95% CI over seeds (Student t)", title_justify="left")
-    for col, kw in (("", {}), ("combination", {}), ("seeds", {"justify": "right"}), ("NORM top-1", {"justify": "right"}),
-                    ("student alone", {"justify": "right"}), ("NORM − alone, pts [95% CI]", {"justify": "right"}),
-                    ("NORM helped", {})):
-        t.add_column(col, **kw)
+    right = ("seeds", "NORM top-1", "student alone", "NORM − alone, pts [95% CI]")
+    for col in ("", "combination", *right, "NORM helped"):
+        t.add_column(col, justify="right" if col in right else "left")
     for c in data["combinations"]:
         t.add_row("★" if c["best"] else "", c["label"], f"{c['n']}/{c['planned']}",
                   fmt_mean_ci(c["norm_top1"], 100, "%"), fmt_mean_ci(c["baseline_ce_top1"], 100, "%"),

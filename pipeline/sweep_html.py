@@ -88,8 +88,9 @@ def sweep_png(data: dict) -> Optional[str]:
 
 
 def _state(verdict: Optional[str]) -> dict:
-    return {"yes": {"state": "yes", "text": "yes"}, "no": {"state": "no", "text": "no"},
-            "inconclusive": {"state": "warn", "text": "inconclusive"}}.get(verdict, {"state": "na", "text": "n/a"})
+    states = {"yes": {"state": "yes", "text": "yes"}, "no": {"state": "no", "text": "no"},
+              "inconclusive": {"state": "warn", "text": "inconclusive"}}
+    return states.get(verdict or "", {"state": "na", "text": "n/a"})
 
 
 def combo_rows(data: dict) -> list[dict]:

@@ -8,7 +8,7 @@ is imported inside the factories so that listing the registry stays cheap.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, Union, cast
 
 import torch
 import torch.nn as nn
@@ -37,8 +37,9 @@ def _with_in_chans(conv: nn.Conv2d, in_chans: int) -> nn.Conv2d:
     if in_chans == conv.in_channels:
         return conv
     new = nn.Conv2d(
-        in_chans, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-        conv.dilation, conv.groups, bias=conv.bias is not None,
+        in_chans, conv.out_channels, cast(tuple[int, int], conv.kernel_size), cast(tuple[int, int], conv.stride),
+        cast(Union[str, tuple[int, int]], conv.padding), cast(tuple[int, int], conv.dilation), conv.groups,
+        bias=conv.bias is not None,
     )
     nn.init.kaiming_normal_(new.weight, mode="fan_out", nonlinearity="relu")
     if new.bias is not None:
