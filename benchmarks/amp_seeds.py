@@ -144,12 +144,12 @@ def summarize(rows: list[dict], teacher_amp: str) -> dict:
     out: dict = {"seeds": [r["seed"] for r in rows], "teacher_amp": teacher_amp, "rows": rows}
     for arm in ARMS:
         gains = [r[arm]["gain_pts"] for r in rows]
-        out[f"gain_{arm}"] = dict(zip(("mean", "sd", "lo", "hi"), mean_ci(gains)))
+        out[f"gain_{arm}"] = dict(zip(("mean", "sd", "lo", "hi"), mean_ci(gains), strict=True))
         for key in ("norm_top1", "baseline_top1", "teacher_top1"):
-            out[f"{key}_{arm}"] = dict(zip(("mean", "sd", "lo", "hi"), mean_ci([r[arm][key] * 100 for r in rows])))
+            out[f"{key}_{arm}"] = dict(zip(("mean", "sd", "lo", "hi"), mean_ci([r[arm][key] * 100 for r in rows]), strict=True))
         out[f"seconds_{arm}"] = {s: sum(r[arm]["seconds"][s] or 0.0 for r in rows) / len(rows) for s in STAGES}
     diffs = [r["diff_pts"] for r in rows]
-    out["diff"] = dict(zip(("mean", "sd", "lo", "hi"), mean_ci(diffs)))
+    out["diff"] = dict(zip(("mean", "sd", "lo", "hi"), mean_ci(diffs), strict=True))
     out["within_seed_noise"], out["why"] = verdict(diffs, [r["none"]["gain_pts"] for r in rows])
     return out
 

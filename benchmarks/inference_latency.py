@@ -22,9 +22,9 @@ import torch
 from models.merge import merge_norm_student
 from models.norm import LogitsOnly, NormStudent
 from models.registry import create_model
-from stages.lib.latency import measure_cell, ort_backend, torch_backend
 from stages.lib import timing
 from stages.lib.flops import count_flops, count_params
+from stages.lib.latency import measure_cell, ort_backend, torch_backend
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

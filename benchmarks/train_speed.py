@@ -30,8 +30,8 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 import torch.nn.functional as functional
-
 from _clock import add_clock_args, configure_clock
+
 from models.distillers import NORM
 from models.registry import create_model
 from stages.lib import timing

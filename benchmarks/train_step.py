@@ -21,7 +21,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-
 from _clock import add_clock_args, configure_clock
 
 from models.distillers import CE, KD, NORM, Distiller

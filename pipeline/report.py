@@ -255,7 +255,7 @@ def terminal_summary(summary: dict):
     from rich.table import Table
     from rich.text import Text
 
-    v, acc = summary["verdicts"], summary["accuracy"]
+    v = summary["verdicts"]
     ver, lat = summary.get("verify") or {}, summary.get("latency") or {}
     ex, eng, b = summary.get("export") or {}, summary.get("engine") or {}, summary.get("bundle") or {}
     word = {True: "[green]yes[/]", False: "[red]no[/]", None: "[dim]n/a[/]", "yes": "[green]yes[/]", "no": "[red]no[/]",

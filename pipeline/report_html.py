@@ -136,7 +136,7 @@ def ratios_png(bench: dict, clock: str, band: float, verdict: tuple = ()) -> Opt
     lo_lim, hi_lim = 0.5, 2.0
     ax.axvspan(1 - band, 1 + band, color="#d1fae5", zorder=0)
     ax.axvline(1.0, color="#059669", linewidth=0.8, zorder=1)
-    for gi, (_, cell, comps) in enumerate(groups):
+    for gi, (_, _cell, comps) in enumerate(groups):
         y0 = len(groups) - 1 - gi
         if gi:
             ax.axhline(y0 + 0.5, color="#e5e7eb", linewidth=0.8)

@@ -77,7 +77,7 @@ def parse_grid(items: tuple[str, ...] | list[str]) -> dict[str, list[str]]:
 def _short_names(keys: list[str]) -> dict[str, str]:
     """'distill.n' -> 'n' unless two keys end the same way (then the full path)."""
     last = [k.rsplit(".", 1)[-1] for k in keys]
-    return {k: (s if last.count(s) == 1 else k) for k, s in zip(keys, last)}
+    return {k: (s if last.count(s) == 1 else k) for k, s in zip(keys, last, strict=True)}
 
 
 def _slug_part(text: str) -> str:
@@ -95,7 +95,7 @@ def plan(config_path: Optional[str], overrides: tuple[str, ...], grid: dict[str,
     user_sets_seed = any(o.split("=", 1)[0].strip() == "student.seed" for o in overrides)
     out, slugs = [], set()
     for values in itertools.product(*(grid[k] for k in keys)) if keys else [()]:
-        raw = dict(zip(keys, values))
+        raw = dict(zip(keys, values, strict=True))
         label = ", ".join(f"{short[k]}={v}" for k, v in raw.items()) or "config"
         for seed in seeds:
             ovr = tuple(overrides) + tuple(f"{k}={v}" for k, v in raw.items())

@@ -48,7 +48,7 @@ def sweep_png(data: dict) -> Optional[str]:
         color = PALETTE[gi % len(PALETTE)]
         x = [pos[str(c["combo"][xkey])] if xkey else 0.0 for c in cs]
 
-        def pts(series: str, scale: float):
+        def pts(series: str, scale: float, cs=cs):
             return ([c[series]["mean"] * scale for c in cs],
                     [(c[series]["half"] or 0.0) * scale for c in cs])
 
@@ -63,7 +63,7 @@ def sweep_png(data: dict) -> Optional[str]:
         y, e = pts("diff_pts", 1)
         ax2.errorbar(x, y, yerr=e, color=color, marker="o", markersize=5, capsize=3, linewidth=1.8,
                      label=rest or None)
-        for c, xv in zip(cs, x):
+        for c, xv in zip(cs, x, strict=True):
             if c["best"]:
                 ax1.plot([xv], [c["norm_top1"]["mean"] * 100], marker="*", markersize=15, color="#f59e0b",
                          markeredgecolor="#92400e", zorder=5, linestyle="none", label="best")

@@ -184,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(chosen)} mutations, {stale} stale")
         return 1 if stale else 0
     from rich.console import Console
+
     from stages.lib.progress import progress_bar
 
     console = Console(width=None if sys.stdout.isatty() else 200)

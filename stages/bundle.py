@@ -19,11 +19,11 @@ from typing import Any
 import numpy as np
 
 from stages.lib.accuracy import manifest_accuracies
+from stages.lib.bundle_check import UNLISTED, integrity_errors, verify_bundle
 from stages.lib.context import StageContext
 from stages.lib.dataset_meta import DatasetMeta
-from stages.lib.errors import PipelineError
-from stages.lib.bundle_check import UNLISTED, integrity_errors, verify_bundle
 from stages.lib.edge import engine_gate, golden_spec, precision_rows, precisions_table, quantize_report
+from stages.lib.errors import PipelineError
 from stages.lib.io import atomic_write_text, sha256_file
 from stages.lib.tarball import make_tarball
 
@@ -78,8 +78,8 @@ def copy_engines(ctx: StageContext, bundle: Path) -> list[dict]:
 
 def fp16_onnx(src: Path, dst: Path, x: np.ndarray) -> dict:
     """model_fp16.onnx for TensorRT 11 (strongly typed) and its agreement with the fp32 model in onnxruntime."""
-    from stages.lib.onnx_utils import compare_outputs, ort_session, run_ort
     from stages.lib.onnx_fp16 import convert_onnx_to_fp16
+    from stages.lib.onnx_utils import compare_outputs, ort_session, run_ort
 
     stats = convert_onnx_to_fp16(src, dst)
     a, b = run_ort(ort_session(dst), x), run_ort(ort_session(src), x)

@@ -42,8 +42,13 @@ METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
 def quantize_int8(src: Path, dst: Path, calib: np.ndarray, *, method: str, batch: int = 32) -> dict:
     """Static Q/DQ quantization of ``src`` into ``dst`` (atomic): int8 symmetric, per-channel weights."""
     import onnx
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                          quantize_static)
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     from stages.lib.onnx_utils import INPUT_NAME
 
@@ -157,7 +162,8 @@ def benchmark(fp32: Path, int8: Path, x: np.ndarray, c: Any, seed: int, log: Cal
     cells = []
     for b in sorted(set(c.batch_sizes)):
         xb = np.ascontiguousarray(np.resize(x, (b, *x.shape[1:])), dtype=np.float32)
-        fns = {n: timing.timed_block(lambda s=s, f={s.get_inputs()[0].name: xb}: s.run(None, f), cpu_timer=cpu_timer)
+        feeds = {n: {s.get_inputs()[0].name: xb} for n, s in sessions.items()}
+        fns = {n: timing.timed_block(lambda s=s, f=feeds[n]: s.run(None, f), cpu_timer=cpu_timer)
                for n, s in sessions.items()}
         cell = paired_ratio(fns, batch=b, c=c, seed=seed)
         clock = "cpu" if cell.get("cpu_comparisons") else "wall"

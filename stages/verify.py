@@ -30,8 +30,8 @@ from stages.lib.dataset_meta import DatasetMeta
 from stages.lib.datasets import val_batches
 from stages.lib.errors import PipelineError
 from stages.lib.flops import count_flops, count_params
-from stages.lib.verify_checks import failures, state_signature
 from stages.lib.progress import progress_bar
+from stages.lib.verify_checks import failures, state_signature
 
 
 @contextlib.contextmanager

@@ -62,8 +62,8 @@ def upstream(tmp_path_factory, tiny_data_root):
     from models.norm import NormStudent
     from models.registry import create_model
     from pipeline.config import load_config
-    from stages.lib.dataset_describe import describe
     from stages.lib.checkpoints import save_model, save_norm_student
+    from stages.lib.dataset_describe import describe
 
     base = tmp_path_factory.mktemp("run")
     cfg = load_config(None, [f"data.root={tiny_data_root}", "teacher.model=resnet14", "student.model=resnet8",

@@ -63,7 +63,7 @@ class CifarResNet(ContractNet):
         self.relu = nn.ReLU(inplace=True)
         in_planes = num_filters[0]
         stages = []
-        for planes, stride in zip(num_filters[1:], (1, 2, 2)):
+        for planes, stride in zip(num_filters[1:], (1, 2, 2), strict=True):
             blocks = [BasicBlock(in_planes, planes, stride)]
             blocks += [BasicBlock(planes, planes) for _ in range(n - 1)]
             stages.append(nn.Sequential(*blocks))

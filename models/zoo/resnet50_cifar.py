@@ -62,7 +62,7 @@ class CifarBottleneckResNet(ContractNet):
         self.relu = nn.ReLU(inplace=True)
         in_planes = 64
         stages = []
-        for planes, n, stride in zip((64, 128, 256, 512), num_blocks, (1, 2, 2, 2)):
+        for planes, n, stride in zip((64, 128, 256, 512), num_blocks, (1, 2, 2, 2), strict=True):
             blocks = [Bottleneck(in_planes, planes, stride)]
             in_planes = planes * Bottleneck.expansion
             blocks += [Bottleneck(in_planes, planes) for _ in range(n - 1)]

@@ -63,7 +63,7 @@ class ShuffleNetV1(ContractNet):
         self.bn1 = nn.BatchNorm2d(STEM_CHANNELS)
         in_planes = STEM_CHANNELS
         stages = []
-        for planes, n in zip(out_planes, num_blocks):
+        for planes, n in zip(out_planes, num_blocks, strict=True):
             # The first block concatenates its (pooled) input, so its branch makes the rest.
             blocks = [ShuffleBottleneck(in_planes, planes - in_planes, 2, groups)]
             blocks += [ShuffleBottleneck(planes, planes, 1, groups) for _ in range(n - 1)]

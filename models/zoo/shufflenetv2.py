@@ -84,7 +84,7 @@ class ShuffleNetV2(ContractNet):
         self.stem = _conv_bn(in_chans, 24, 1)
         channels = 24
         stages = []
-        for width, n in zip(out_channels[:-1], num_blocks):
+        for width, n in zip(out_channels[:-1], num_blocks, strict=True):
             stages.append(nn.Sequential(DownBlock(channels, width), *[BasicBlock(width) for _ in range(n)]))
             channels = width
         self.stages = nn.Sequential(*stages)

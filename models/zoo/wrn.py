@@ -65,7 +65,7 @@ class WideResNet(ContractNet):
         self.conv1 = nn.Conv2d(in_chans, 16, 3, padding=1, bias=False)
         in_planes = 16
         stages = []
-        for planes, stride in zip(widths, (1, 2, 2)):
+        for planes, stride in zip(widths, (1, 2, 2), strict=True):
             blocks = [PreActBlock(in_planes, planes, stride, block_drop)]
             blocks += [PreActBlock(planes, planes, 1, block_drop) for _ in range(n - 1)]
             stages.append(nn.Sequential(*blocks))

@@ -23,6 +23,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # edgekit.py ships next to this script
 import edgekit  # noqa: E402
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
 
@@ -146,7 +147,7 @@ def main(argv=None) -> int:
                            precision=args.precision)
     files = list_images(args.images)
     results = []
-    for chunk, x in batches(files, manifest["preprocessing"], args.batch):
+    for _chunk, x in batches(files, manifest["preprocessing"], args.batch):
         results += top_k(infer(x), manifest["classes"], args.top_k)
     report(files, results, args.json)
     return 0

@@ -366,7 +366,7 @@ def main(argv=None) -> int:
         return edge_run(args, manifest, root, plan, side, engine, trt_version)
     files = list_images(args.images)
     results = []
-    for chunk, x in batches(files, manifest["preprocessing"], args.batch):
+    for _chunk, x in batches(files, manifest["preprocessing"], args.batch):
         results += top_k(engine.infer(x), manifest["classes"], args.top_k)
     report(files, results, args.json)
     return 0

@@ -10,7 +10,6 @@ from types import MappingProxyType
 from typing import Any, Iterable
 
 
-
 class ConfigAccessError(RuntimeError):
     """A stage read a config key its spec does not declare, or wrote one: a bug in the stage, so a traceback."""
 

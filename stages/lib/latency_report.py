@@ -59,7 +59,7 @@ def plot_latency(cells: list[dict], path: Path) -> None:
     colors = {n: plt.get_cmap("tab10")(i % 10) for i, n in enumerate(names)}
     per_panel = max([6.0] + [2.6 * sum(c["batch"] == b for c in done) for b in batches])
     fig, axes = plt.subplots(1, len(batches), figsize=(per_panel * len(batches), 5.2), squeeze=False)
-    for ax, b in zip(axes[0], batches):
+    for ax, b in zip(axes[0], batches, strict=True):
         group = [c for c in done if c["batch"] == b]
         width, labelled = 0.8 / max(len(names), 1), set()
         for gi, c in enumerate(group):
@@ -78,7 +78,7 @@ def plot_latency(cells: list[dict], path: Path) -> None:
         ax.set_xticks(range(len(group)), ticks, fontsize=7)
         ax.set_title(f"batch {b}")
         ax.set_ylabel("median latency, ms (whisker: p90)")
-    legend = {lb: h for ax in axes[0] for h, lb in zip(*ax.get_legend_handles_labels())}
+    legend = {lb: h for ax in axes[0] for h, lb in zip(*ax.get_legend_handles_labels(), strict=True)}
     if legend:
         fig.legend(list(legend.values()), list(legend), loc="upper center", ncol=len(legend), fontsize=8)
     fig.tight_layout(rect=(0, 0, 1, 0.93))

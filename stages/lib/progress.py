@@ -11,8 +11,15 @@ from typing import Any, Optional
 
 def progress_bar(*, eta: bool = False, info: bool = False, disable: bool = False, console: Optional[Any] = None):
     """A ``rich.progress.Progress`` with the project's columns; use it as a context manager."""
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
-                               TimeElapsedColumn, TimeRemainingColumn)
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        ProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     columns: list[ProgressColumn | str] = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                                            TimeElapsedColumn()]

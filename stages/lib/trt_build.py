@@ -20,7 +20,15 @@ from stages.lib.errors import PipelineError
 from stages.lib.io import atomic_write_bytes, atomic_write_text
 from stages.lib.onnx_fp16 import convert_onnx_to_fp16
 from stages.lib.trt_env import logger, need
-from stages.lib.trt_rules import HW_LEVELS, BuildSettings, build_settings, make_sidecar, parse_cc, sidecar_path_for, trtexec_command
+from stages.lib.trt_rules import (
+    HW_LEVELS,
+    BuildSettings,
+    build_settings,
+    make_sidecar,
+    parse_cc,
+    sidecar_path_for,
+    trtexec_command,
+)
 
 
 def format_parser_errors(onnx_path: Path | str, errors: list[str]) -> str:

@@ -90,7 +90,7 @@ class TrtRunner:
 
     def _load_input(self, x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=self.dtypes[self.input_name])
-        if x.ndim != len(self.max_shape) or any(not lo <= d <= hi for d, lo, hi in zip(x.shape, self.min_shape, self.max_shape)):
+        if x.ndim != len(self.max_shape) or any(not lo <= d <= hi for d, lo, hi in zip(x.shape, self.min_shape, self.max_shape, strict=True)):
             raise PipelineError(f"input shape {tuple(x.shape)} is outside the engine's profile {self.min_shape} .. {self.max_shape}")
         self._set_shape(x.shape)
         self._bufs.htod(self._ptrs[self.input_name], x)

@@ -42,7 +42,7 @@ def build_api(t: SimpleNamespace, fake: Faults) -> dict[str, type]:
         def set_shape(self, input: str, min: Any, opt: Any, max: Any) -> None:  # noqa: A002 - the real names
             _check(input, str, "set_shape")
             lo, mid, hi = (_shape_arg(s, "set_shape", (Dims, tuple, list)) for s in (min, opt, max))
-            if not all(a <= b <= c for a, b, c in zip(lo, mid, hi)) or not len(lo) == len(mid) == len(hi):
+            if not all(a <= b <= c for a, b, c in zip(lo, mid, hi, strict=False)) or not len(lo) == len(mid) == len(hi):
                 raise ValueError("set_shape: need min <= opt <= max")  # real: logs an error and the build fails
             self._shapes[input] = (lo, mid, hi)
 

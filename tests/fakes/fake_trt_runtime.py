@@ -33,7 +33,7 @@ def runtime_api(t: SimpleNamespace, fake: Faults) -> dict[str, type]:
             _check(name, str, "set_input_shape")
             shape = _shape_arg(shape, "set_input_shape")
             lo, _, hi = self._engine._profile.get(name, (None, None, None))
-            if fake.reject_shapes or lo is None or len(shape) != len(lo) or not all(a <= d <= b for a, d, b in zip(lo, shape, hi)):
+            if fake.reject_shapes or lo is None or len(shape) != len(lo) or not all(a <= d <= b for a, d, b in zip(lo, shape, hi, strict=False)):
                 log(f"Error: set_input_shape({name}, {shape}) outside the profile")
                 return False
             self._shapes[name] = shape
@@ -61,7 +61,7 @@ def runtime_api(t: SimpleNamespace, fake: Faults) -> dict[str, type]:
                 shape = self._shapes[n]
                 feeds[n] = fake_cuda.region(self._addr[n], int(np.prod(shape)) * dt.itemsize).view(dt).reshape(shape).copy()
             outs = eng._session.run(eng._outputs, feeds)
-            for n, out in zip(eng._outputs, outs):
+            for n, out in zip(eng._outputs, outs, strict=True):
                 out = np.ascontiguousarray(out, dtype=nptype(eng._types[n]))
                 fake_cuda.region(self._addr[n], out.nbytes)[:] = out.reshape(-1).view(np.uint8)
             return True

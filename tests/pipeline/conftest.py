@@ -19,8 +19,8 @@ def interrupt_teacher_in_epoch_2(monkeypatch):
     """Run the teacher stage and Ctrl-C it while epoch 2 evaluates (epoch 1's checkpoint is on disk)."""
 
     def run(cfg, run_dir: Path) -> None:
-        from stages.lib import training
         from pipeline.runner import Runner
+        from stages.lib import training
 
         real_eval, calls = training.evaluate, {"n": 0}
 

@@ -7,8 +7,7 @@ from pipeline.config import load_config
 from pipeline.report import Run, build_summary
 from pipeline.runner import Runner
 from pipeline.session import accuracy_summary as terminal_summary
-from stages.lib.accuracy import manifest_accuracies
-from stages.lib.accuracy import TOP1, accuracy_summary
+from stages.lib.accuracy import TOP1, accuracy_summary, manifest_accuracies
 from stages.lib.context import StageContext
 
 METRICS = {"teacher": {"top1": 0.91, "top5": 0.99}, "baseline": {"ce_top1": 0.83, "kd_top1": 0.845},

@@ -16,8 +16,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.pipeline.test_faults import (_image_folder, failed_cleanly, invoke, records, run_cli, run_copy,  # noqa: F401
-                                        tiny_config, with_sets)
+from tests.pipeline.test_faults import (  # noqa: F401
+    _image_folder,
+    failed_cleanly,
+    invoke,
+    records,
+    run_cli,
+    run_copy,
+    tiny_config,
+    with_sets,
+)
 
 
 def _partial_files(folder: Path) -> list[Path]:

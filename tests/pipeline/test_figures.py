@@ -92,7 +92,7 @@ CELLS = [
 def test_ratio_forest_plots_each_comparisons_interval(captured):
     from pipeline.report_html import ratios_png
 
-    uri = ratios_png({"cells": CELLS}, "wall", 0.05, ("onnxruntime_cpu", 1))
+    ratios_png({"cells": CELLS}, "wall", 0.05, ("onnxruntime_cpu", 1))
     fig, made = captured
     _drawn(_decoded(made))
     ax = fig.axes[0]
@@ -129,7 +129,7 @@ def test_benchmark_latency_png_shows_every_median(tmp_path, monkeypatch):
         img.load()
         _drawn(img)
         assert len(fig.axes) == 2 and [ax.get_title() for ax in fig.axes] == ["batch 1", "batch 8"]
-        for ax, batch in zip(fig.axes, (1, 8)):
+        for ax, batch in zip(fig.axes, (1, 8), strict=True):
             bars = sorted(round(p.get_height(), 9) for p in ax.patches)
             want = sorted(round(m["median_ms"], 9) for c in cells if c.get("batch") == batch and "models" in c
                           for m in c["models"].values())

@@ -18,8 +18,17 @@ from typing import Callable, Iterator
 import torch
 
 from pipeline.rundir import RunDir, is_partial
-from tests.pipeline.test_faults import (ONE_THREAD, ROOT, Res, _reuse_base_onnx, failed_cleanly, invoke, records, run_cli,  # noqa: F401
-                                        run_copy)
+from tests.pipeline.test_faults import (  # noqa: F401
+    ONE_THREAD,
+    ROOT,
+    Res,
+    _reuse_base_onnx,
+    failed_cleanly,
+    invoke,
+    records,
+    run_cli,
+    run_copy,
+)
 
 EPOCHS = 3  # the interrupted distill run; the base run trained 1 epoch, so this is a new configuration
 HINT = "interrupted: finished stages and epochs are kept; run the same command again to resume"

@@ -87,8 +87,8 @@ def test_imagenet_preset_recipe_and_models():
 
 def test_presets_need_a_data_root(tmp_path):
     """data.root is the user's to set: the data stage says so in one line."""
-    from stages.lib.errors import PipelineError
     from stages.lib.dataset_describe import describe
+    from stages.lib.errors import PipelineError
 
     for stem, dataset in (("cifar100_vgg13_vgg8", "cifar100"), ("imagenet_resnet34_resnet18", "imagefolder")):
         cfg = load_config(CONFIGS / f"{stem}.yaml")

@@ -175,8 +175,8 @@ def test_engine_section_from_an_engine_stage_report(run_dir, tmp_path):
     """Where a GPU ran the engine stage: engine.json made by the stage's own writer, rendered with its figures."""
     import numpy as np
 
-    from pipeline.report import write_report
     from pipeline.graph import stage_module
+    from pipeline.report import write_report
 
     engine = stage_module("engine")
     from stages.lib.context import StageContext

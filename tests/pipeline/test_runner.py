@@ -5,10 +5,10 @@ import json
 
 import pytest
 
+from pipeline import graph
 from pipeline.config import load_config
 from pipeline.rundir import RunDir
 from pipeline.runner import Runner
-from pipeline import graph
 from stages.lib.errors import PipelineError
 
 TRAIN = ["data", "teacher", "baseline", "distill", "merge"]

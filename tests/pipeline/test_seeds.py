@@ -121,8 +121,9 @@ def test_rerun_with_seeds_is_all_cached(seeded, monkeypatch):
 @pytest.mark.parametrize("diffs,verdict", [((0.020, 0.021), "yes"), ((-0.020, -0.021), "no"), ((0.020, -0.021), "inconclusive")])
 def test_verdict_follows_the_sign_of_the_ci(seeded, tmp_path, diffs, verdict):
     """The verdict's direction: NORM above the student alone in both seeds is yes, below is no, mixed is neither."""
-    from pipeline.report import terminal_summary
     from rich.console import Console
+
+    from pipeline.report import terminal_summary
 
     run_dir, _, _ = seeded
     copy = tmp_path / "run"

@@ -102,7 +102,7 @@ def _expected(run_dir: Path) -> dict:
     for n in (2, 4):
         norm = [_rec(run_dir, COMBOS[(n, s)], "distill")["metrics"]["top1"] for s in (0, 1)]
         base = [_rec(run_dir, COMBOS[(n, s)], "baseline")["metrics"]["ce_top1"] for s in (0, 1)]
-        diff = [(a - b) * 100 for a, b in zip(norm, base)]
+        diff = [(a - b) * 100 for a, b in zip(norm, base, strict=True)]
         half = T975_DF1 * statistics.stdev(diff) / math.sqrt(2)
         out[n] = {"norm": statistics.mean(norm), "base": statistics.mean(base), "diff": statistics.mean(diff),
                   "lo": statistics.mean(diff) - half, "hi": statistics.mean(diff) + half,

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from stages.lib import errors, trt_env, trt_rules
 from stages.lib.bundle_check import Problem, error, verify_bundle, warning
 from stages.lib.tarball import make_tarball
-from stages.lib import errors, trt_env, trt_rules
 from tests.stages.test_engine import fake_build, make_export_dir
 
 NO_TORCH = ("import runpy, sys; sys.modules['torch'] = None; script = sys.argv[1]; sys.argv = sys.argv[1:]; "
@@ -141,7 +141,7 @@ def test_verify_bundle_engine_warnings_per_machine(with_engines, monkeypatch, he
         assert problems == []
         return
     assert len(problems) == 2 and all(p.severity == "warning" for p in problems), problems
-    for plan, p in zip(("model_fp16.plan", "model_fp32.plan"), sorted(str(p) for p in problems)):
+    for plan, p in zip(("model_fp16.plan", "model_fp32.plan"), sorted(str(p) for p in problems), strict=True):
         assert p.startswith("warning: ") and plan in p and all(n in p for n in needles), p
 
 
@@ -230,10 +230,10 @@ def test_run_onnx_without_torch_matches_pipeline(plain, upstream, tmp_path):
     probs = np.exp(logits - logits.max(1, keepdims=True))
     probs /= probs.sum(1, keepdims=True)
     assert [Path(g["file"]).name for g in got] == [f"img_{i:02d}.png" for i in range(12)]
-    for g, p in zip(got, probs):
+    for g, p in zip(got, probs, strict=True):
         assert len(g["top_k"]) == 3 and g["top_k"][0]["class"] == meta["classes"][g["top_k"][0]["index"]]
         np.testing.assert_allclose([t["prob"] for t in g["top_k"]], p[[t["index"] for t in g["top_k"]]], atol=1e-5)
-    agree = np.mean([g["top_k"][0]["index"] == int(p.argmax()) for g, p in zip(got, probs)])
+    agree = np.mean([g["top_k"][0]["index"] == int(p.argmax()) for g, p in zip(got, probs, strict=True)])
     assert agree >= 11 / 12
 
 

@@ -60,7 +60,7 @@ def test_meta_errors_are_one_clear_line(tmp_path, tiny_data_root):
 
 # ----------------------------------------------------------------------------- validation-only loading
 def _batches(split) -> tuple[torch.Tensor, torch.Tensor]:
-    xs, ys = zip(*split)
+    xs, ys = zip(*split, strict=True)
     return torch.cat(xs), torch.cat(ys)
 
 

@@ -143,9 +143,9 @@ def test_random_crop_comes_from_the_padded_image():
 def test_hflip_flips_about_half_and_nothing_else():
     x = _distinct_images(64)
     out = ds.random_crop_flip(x, 0, hflip=True, gen=torch.Generator().manual_seed(2))
-    flipped = [bool(torch.equal(o, i.flip(-1))) for o, i in zip(out, x)]
-    kept = [bool(torch.equal(o, i)) for o, i in zip(out, x)]
-    assert all(f != k for f, k in zip(flipped, kept))
+    flipped = [bool(torch.equal(o, i.flip(-1))) for o, i in zip(out, x, strict=True)]
+    kept = [bool(torch.equal(o, i)) for o, i in zip(out, x, strict=True)]
+    assert all(f != k for f, k in zip(flipped, kept, strict=True))
     assert 16 < sum(flipped) < 48
     assert torch.equal(ds.random_crop_flip(x, 0, hflip=False, gen=torch.Generator()), x)
 

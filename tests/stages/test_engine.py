@@ -126,7 +126,7 @@ def test_fp16_conversion_edge_cases(tmp_path):
     assert stats["constants"] == 1 and stats["clipped_values"] == 2  # 1e6 does not fit in fp16: clipped to 65504
     assert stats["casts"] == 4  # input, two outputs, Resize scales back to fp32
     x = np.random.default_rng(1).standard_normal((3, 2, 5, 5)).astype(np.float32)
-    for a, b in zip(_ort(tmp_path / "s.onnx").run(None, {"x": x}), _ort(tmp_path / "s16.onnx").run(None, {"x": x})):
+    for a, b in zip(_ort(tmp_path / "s.onnx").run(None, {"x": x}), _ort(tmp_path / "s16.onnx").run(None, {"x": x}), strict=True):
         assert b.dtype == np.float32 and b.shape == a.shape
         np.testing.assert_allclose(b, a, atol=2e-2, rtol=2e-2)
 

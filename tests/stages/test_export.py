@@ -130,8 +130,8 @@ def test_graph_identity(exported):
 
 
 def test_parity_failure_raises_after_writing_the_report(exported, upstream, tmp_path, monkeypatch):
-    from stages.lib import onnx_utils
     from pipeline.graph import stage_module
+    from stages.lib import onnx_utils
 
     export_stage = stage_module("export")
 

@@ -15,7 +15,6 @@ import pytest
 
 from stages.lib import trt_build
 from stages.lib.io import sha256_file
-from tests.fakes import fake_cuda, fake_tensorrt
 from tests.stages.test_bundle import _run_bundle
 from tests.stages.test_trt_handoff import tiny_onnx
 

@@ -74,7 +74,7 @@ def test_authors_cifar_checkpoint_maps_onto_our_names(tmp_path, name, keys):
     sd = src.state_dict()
     names = keys(sd)
     assert len(names) == len(sd) and names != list(sd), "the authors' names must differ from ours"
-    authors = dict(zip(names, sd.values()))
+    authors = dict(zip(names, sd.values(), strict=True))
     state = {"epoch": 240, "model": authors, "best_acc": torch.tensor(79.4), "optimizer": {"state": {}, "param_groups": []}}
     model = _import(tmp_path, state, name)
     assert torch.equal(model(X), src(X))

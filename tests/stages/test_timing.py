@@ -54,7 +54,7 @@ def test_every_model_holds_every_position_equally(k):
 def test_mirrored_pairs_cancel_linear_drift(k):
     models = [f"m{i}" for i in range(k)]
     rounds = timing.abba_schedule(models, 6)
-    for first, second in zip(rounds[::2], rounds[1::2]):
+    for first, second in zip(rounds[::2], rounds[1::2], strict=False):
         for m in models:
             assert first.index(m) + second.index(m) == k - 1
 

@@ -335,8 +335,8 @@ def _config_as_trtexec(call: dict, input_name: str) -> dict:
 def test_trtexec_command_is_the_pipelines_build(tmp_path, monkeypatch, version, hw):
     from types import SimpleNamespace
 
-    from stages.lib.trt_rules import trtexec_commands
     from stages.lib.trt_int8 import build_int8_engine
+    from stages.lib.trt_rules import trtexec_commands
 
     fake_cuda.DEVICE.clear()
     fake_cuda.install(monkeypatch)
