@@ -12,12 +12,13 @@ the student, so it always runs in the student's device and memory format.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, cast
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as functional
 
+from models.base import ContractNet
 from models.losses import distill_losses, kd_loss, norm_weight, standardize_logits
 from models.norm import NormStudent
 
@@ -32,6 +33,8 @@ class Distiller(nn.Module):
 
     student: nn.Module
 
+    _teacher: Optional[nn.Module]  # set with object.__setattr__: kept out of the module tree
+
     def __init__(self, teacher: Optional[nn.Module] = None):
         super().__init__()
         if teacher is not None:
@@ -41,6 +44,12 @@ class Distiller(nn.Module):
     @property
     def teacher(self) -> Optional[nn.Module]:
         return self._teacher
+
+    def frozen_teacher(self) -> ContractNet:
+        """The teacher, for objectives that need one (the model contract: forward_features/forward_head)."""
+        if self._teacher is None:
+            raise ValueError(f"{type(self).__name__} needs a teacher")
+        return cast(ContractNet, self._teacher)
 
     @property
     def trainable(self) -> nn.Module:
@@ -64,6 +73,8 @@ class Distiller(nn.Module):
 
     def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None, epoch: int = 0):
         if self.training:
+            if y is None:
+                raise ValueError("training a distiller needs the labels: forward(x, y, epoch)")
             return self.forward_train(x, y, epoch)
         return self.forward_test(x)
 
@@ -106,7 +117,7 @@ class KD(Distiller):
         logits = self.student(x)
         z = _standardized(logits, self.logit_scale)
         with torch.no_grad():
-            t = self.teacher(x)
+            t = self.frozen_teacher()(x)
         t = _standardized(t, self.logit_scale)
         return logits, {"ce": (1 - self.kd_weight) * functional.cross_entropy(z, y),
                         "kd": self.kd_weight * kd_loss(z, t, self.temperature)}
@@ -123,7 +134,7 @@ class NORM(Distiller):
                  alpha: float = 1.0, beta: float = 0.0, gamma: float = 1.0, temperature: float = 4.0,
                  norm_schedule: Sequence[tuple[float, float]] = ((1.0, 1.0),), logit_scale: Optional[float] = None):
         super().__init__(teacher)
-        self.ns = NormStudent(student, teacher.num_features, n=n, residual=residual)
+        self.ns = NormStudent(student, cast(ContractNet, teacher).num_features, n=n, residual=residual)
         self.epochs, self.n = epochs, n
         self.alpha, self.beta, self.gamma, self.temperature = alpha, beta, gamma, temperature
         self.norm_schedule = list(norm_schedule)
@@ -143,8 +154,9 @@ class NORM(Distiller):
 
     def forward_train(self, x, y, epoch):
         with torch.no_grad():
-            tf = self.teacher.forward_features(x)
-            tl = self.teacher.forward_head(tf) if self.beta > 0 else None
+            teacher = self.frozen_teacher()
+            tf = teacher.forward_features(x)
+            tl = teacher.forward_head(tf) if self.beta > 0 else None
         logits, expanded = self.ns(x)
         _, terms = distill_losses(logits, y, expanded=expanded, teacher_features=tf, teacher_logits=tl, n=self.n,
                                   alpha=self.alpha, beta=self.beta, gamma=self.gamma,

@@ -50,10 +50,11 @@ class Run:
 
     def done(self, stage: str) -> bool:
         rec = self.records.get(stage)
-        return bool(rec) and rec.get("status") == "done"
+        return rec is not None and rec.get("status") == "done"
 
     def metrics(self, stage: str) -> dict:
-        return dict(self.records[stage].get("metrics") or {}) if self.done(stage) else {}
+        rec = self.records.get(stage) if self.done(stage) else None
+        return dict(rec.get("metrics") or {}) if rec is not None else {}
 
     def artifact_path(self, stage: str, name: str) -> Path:
         """Where the named output of ``stage`` (``outputs`` in pipeline/graph.py) lies in this run."""

@@ -33,7 +33,7 @@ def cost_card(run: Run, s: dict) -> dict:
     shows the benchmark's power."""
     lat = s.get("latency") or {}
     answer = lat.get("verdict")
-    state = {"yes": ("yes", "yes"), "no": ("no", "no"), "inconclusive": ("warn", "inconclusive")}.get(answer, ("na", "n/a"))
+    state = {"yes": ("yes", "yes"), "no": ("no", "no"), "inconclusive": ("warn", "inconclusive")}.get(answer or "", ("na", "n/a"))
     card = {"title": "Inference cost unchanged?", "state": state[0], "text": state[1], "note": run.note("benchmark"),
             "headline": "not measured yet", "detail": ""}
     if lat.get("merged_vs_vanilla_ratio") is not None:

@@ -17,7 +17,7 @@ COLORS = {"teacher": "#64748b", "baseline CE": "#2563eb", "baseline KD": "#d9770
 
 
 # ----------------------------------------------------------------------------- small formatters
-def _bytes(n: Optional[int]) -> str:
+def _bytes(n: Optional[float]) -> str:
     if n is None:
         return "—"
     for unit in ("B", "KB", "MB", "GB"):
@@ -117,7 +117,7 @@ def curves_png(hist: dict[str, list[dict]]) -> Optional[str]:
 
 
 def _cell_comparisons(cell: dict, clock: str) -> dict:
-    return cell.get("cpu_comparisons") if clock == "cpu" and cell.get("cpu_comparisons") else cell.get("comparisons", {})
+    return (cell.get("cpu_comparisons") if clock == "cpu" else None) or cell.get("comparisons") or {}
 
 
 def ratios_png(bench: dict, clock: str, band: float, verdict: tuple = ()) -> Optional[str]:
@@ -323,7 +323,7 @@ def render(run: Run, summary: dict) -> str:
 
     env = jinja2.Environment(loader=jinja2.PackageLoader("pipeline", "templates"), autoescape=True,
                              trim_blocks=True, lstrip_blocks=True)
-    versions = next((r.get("versions") for r in reversed(list(run.records.values())) if r and r.get("versions")), {})
+    versions: dict = next((r.get("versions") for r in reversed(list(run.records.values())) if r and r.get("versions")), {})
     ctx: dict[str, Any] = {
         "run": run, "name": run.path.name, "generated": summary["generated"][:19].replace("T", " ") + " UTC",
         "version": __version__, "versions": versions, "cards": report_cards.verdict_cards(run, summary),

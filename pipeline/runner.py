@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from pipeline import __version__, graph
 from pipeline.config import PipelineConfig, dump_config
@@ -131,7 +131,8 @@ class Runner:
         spec = graph.get(name)
         upstream = self.upstream_records(spec)
         for dep in spec.inputs:  # the cheap checks first: a missing input needs no hashing to report
-            if upstream[dep] is None or upstream[dep].get("status") != "done":
+            rec = upstream[dep]
+            if rec is None or rec.get("status") != "done":
                 self.check_inputs(spec)
         hit = self.cached(name, force=force, standalone=standalone)
         if hit is not None:
@@ -154,7 +155,7 @@ class Runner:
                            device=resolve_device(self.cfg.run.device))
         started = datetime.now(timezone.utc)
         t0 = time.perf_counter()
-        record = {"stage": name, "fingerprint": fp, "started": started.isoformat(), "versions": versions(),
+        record: dict[str, Any] = {"stage": name, "fingerprint": fp, "started": started.isoformat(), "versions": versions(),
                   "config": {p: self.cfg.section(p) for p in spec.config},
                   "code": self.plan.code.relative(self.plan.code.files(spec.module, spec.data_files)),
                   "inputs": {n: {"fingerprint": r.get("fingerprint"), "outputs": r.get("outputs")}

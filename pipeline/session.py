@@ -199,7 +199,7 @@ def accuracy_summary(runner: Runner) -> dict[str, float]:
         return (rec.get("metrics") or {}) if rec and rec.get("status") == "done" else {}
 
     acc = accuracy.accuracy_summary(metrics)
-    return {label: float(acc[key]) for key, label in accuracy.LABELS.items() if acc[key] is not None}
+    return {label: float(value) for key, label in accuracy.LABELS.items() if (value := acc[key]) is not None}
 
 
 def _write_report(runner: Runner) -> None:

@@ -106,7 +106,7 @@ def helped_verdict(diff: dict, unit: str = "pts") -> tuple[Optional[str], str]:
     return "inconclusive", f"{ci} includes 0: the difference is within seed noise"
 
 
-def fmt_mean_ci(e: dict, scale: float = 1.0, unit: str = "", signed: bool = False, digits: int = 2) -> str:
+def fmt_mean_ci(e: Optional[dict], scale: float = 1.0, unit: str = "", signed: bool = False, digits: int = 2) -> str:
     """'85.61% ± 0.42' (or '+0.85 pts [+0.31, +1.39]' with ``signed``), '85.61% (1 seed)', '—'."""
     if not e or e.get("mean") is None:
         return "—"
