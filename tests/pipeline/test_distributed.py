@@ -135,29 +135,16 @@ main()
 """
 
 
-def test_resume_across_world_sizes(tmp_path, overrides, cfg_file, monkeypatch):
+def test_resume_across_world_sizes(tmp_path, overrides, cfg_file, interrupt_teacher_in_epoch_2):
     """1 process trains epoch 1 and is interrupted; 2 processes resume, train epoch 2 and are interrupted;
     1 process resumes again and finishes epoch 3. History and checkpoints carry over both ways."""
-    from stages.lib import training
-
     sets = [o for o in overrides if not o.startswith("teacher.epochs")] + ["teacher.epochs=3"]
     cfg = load_config(cfg_file, sets)
     assert Runner(cfg, tmp_path, log=lambda m: None).run_stage("data").status == "done"
     work = tmp_path / ".teacher.work"
 
     # 1 process: interrupted while evaluating epoch 2 (epoch 1's checkpoint is on disk)
-    real, calls = training.evaluate, {"n": 0}
-
-    def interrupt_second(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(training, "evaluate", interrupt_second)
-    with pytest.raises(KeyboardInterrupt):
-        Runner(cfg, tmp_path, log=lambda m: None).run_stage("teacher")
-    monkeypatch.setattr(training, "evaluate", real)
+    interrupt_teacher_in_epoch_2(cfg, tmp_path)
     assert [r["epoch"] for r in _history(work / "history.csv")] == ["1"]
     row1 = _history(work / "history.csv")[0]
 
