@@ -53,8 +53,8 @@ class Run:
         return rec is not None and rec.get("status") == "done"
 
     def metrics(self, stage: str) -> dict:
-        rec = self.records.get(stage) if self.done(stage) else None
-        return dict(rec.get("metrics") or {}) if rec is not None else {}
+        rec = self.records.get(stage)
+        return dict(rec.get("metrics") or {}) if rec is not None and self.done(stage) else {}
 
     def artifact_path(self, stage: str, name: str) -> Path:
         """Where the named output of ``stage`` (``outputs`` in pipeline/graph.py) lies in this run."""
