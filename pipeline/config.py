@@ -62,6 +62,8 @@ class TrainCfg(Section):
     channels_last: Union[Literal["auto"], bool] = Field(
         "auto", description="NHWC convolutions; auto = on for CPUs (faster with oneDNN) and for CUDA with bf16/fp16, else off")
     compile: bool = False
+    val_every: int = Field(1, ge=0, description="evaluate on the validation set after every N-th epoch and always after "
+                           "the last; 0 = after the last epoch only (no per-epoch curve, best.pt = the last epoch)")
     logit_standardize: bool = Field(False, description="layer-norm the logits (x logit_scale) before CE/KD")
     logit_scale: float = Field(2.5, gt=0)
 

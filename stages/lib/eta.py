@@ -41,6 +41,7 @@ class StageEta:
     eval_batches: int
     start_epoch: int = 0
     eval_weight: float = 1 / 3
+    evals: Optional[int] = None  # evaluations from start_epoch to the end (None: one per epoch)
     clock: Callable[[], float] = time.perf_counter
     _train_s: float = 0.0
     _batches_done: int = 0
@@ -83,7 +84,7 @@ class StageEta:
                     else self.eval_batches * self.eval_weight * per_batch)
         epochs_left = self.epochs - self.start_epoch
         batches_left = epochs_left * self.batches - self._batches_done
-        evals_left = epochs_left - self._evals_done
+        evals_left = max(0, (epochs_left if self.evals is None else self.evals) - self._evals_done)
         return max(0.0, batches_left * per_batch + evals_left * per_eval)
 
 
@@ -174,8 +175,14 @@ def current() -> RunEta:
 def plan_flops(cfg, meta: dict, stages: list[str]) -> dict[str, float]:
     """FLOPs of each FLOP-bound stage of ``stages`` (training, verify) for ``cfg`` on the dataset ``meta``.
 
-    Training: epochs x (train images x (3 x student forward [+ teacher forward]) + val images x forward).
+    Training: epochs x train images x (3 x student forward [+ teacher forward]) + evaluations (``val_every``)
+    x val images x forward.
     """
+    from stages.lib.training import TrainSpec, evaluations_in
+
+    def evals(c) -> int:
+        return evaluations_in(TrainSpec(epochs=c.epochs, lr=c.lr, val_every=c.val_every))
+
     from models.norm import LogitsOnly, NormStudent
     from models.registry import create_model
 
@@ -190,14 +197,14 @@ def plan_flops(cfg, meta: dict, stages: list[str]) -> dict[str, float]:
     out: dict[str, float] = {}
     if "teacher" in stages:
         out["teacher"] = (nval * f_t if cfg.teacher.checkpoint is not None
-                          else cfg.teacher.epochs * (ntrain * 3 * f_t + nval * f_t))
+                          else cfg.teacher.epochs * ntrain * 3 * f_t + evals(cfg.teacher) * nval * f_t)
     if "baseline" in stages:
         b = cfg.baseline
-        out["baseline"] = sum(b.epochs * (ntrain * (3 * f_s + (f_t if m == "kd" else 0.0)) + nval * f_s)
+        out["baseline"] = sum(b.epochs * ntrain * (3 * f_s + (f_t if m == "kd" else 0.0)) + evals(b) * nval * f_s
                               for m in b.methods)
     if "distill" in stages:
         d = cfg.distill
-        out["distill"] = d.epochs * (ntrain * (3 * f_ns + f_t) + nval * f_ns)
+        out["distill"] = d.epochs * ntrain * (3 * f_ns + f_t) + evals(d) * nval * f_ns
     if "verify" in stages:
         out["verify"] = nval * (f_s + f_ns)
     return out

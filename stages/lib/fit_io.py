@@ -53,14 +53,16 @@ def progress_display(disable: bool):
 
 
 def stage_clock(spec, train, val, start_epoch: int):
-    """The stage's own ETA: its batches and evaluations timed; an evaluation batch priced by its images
-    (forward only: a third of a training image) until the first evaluation has been timed."""
+    """The stage's own ETA: its batches and evaluations (those ``val_every`` asks for) timed; an evaluation
+    batch priced by its images (forward only: a third of a training image) until the first one is timed."""
     from stages.lib.eta import StageEta
+
+    from stages.lib.training import evaluations_in
 
     per_train = getattr(train, "num_samples", 1) / max(len(train), 1)
     per_val = getattr(val, "num_samples", 1) / max(len(val), 1)
     return StageEta(epochs=spec.epochs, batches=len(train), eval_batches=len(val), start_epoch=start_epoch,
-                    eval_weight=per_val / max(per_train, 1e-9) / 3)
+                    eval_weight=per_val / max(per_train, 1e-9) / 3, evals=evaluations_in(spec, start_epoch))
 
 
 def eta_info(clock, prefix: str = "") -> str:

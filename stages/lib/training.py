@@ -36,10 +36,22 @@ class TrainSpec:
     amp: str = "none"
     channels_last: Union[bool, str] = False  # True/False, or "auto" (resolved per device by precision.resolve_channels_last)
     compile: bool = False
+    val_every: int = 1  # evaluate after every N-th epoch and after the last; 0 = after the last only
 
     @classmethod
     def from_cfg(cls, c) -> "TrainSpec":
         return cls(**{k: getattr(c, k) for k in cls.__dataclass_fields__})
+
+
+def evaluates_after(spec: TrainSpec, epoch: int) -> bool:
+    """Whether fit() evaluates after ``epoch`` (0-based): every ``val_every``-th epoch, and always the last."""
+    last = epoch + 1 >= spec.epochs
+    return last or (spec.val_every > 0 and (epoch + 1) % spec.val_every == 0)
+
+
+def evaluations_in(spec: TrainSpec, start_epoch: int = 0) -> int:
+    """How many evaluations fit() runs in epochs ``start_epoch .. epochs-1``."""
+    return sum(evaluates_after(spec, e) for e in range(start_epoch, spec.epochs))
 
 
 def lr_at(spec: TrainSpec, epoch: float) -> float:
@@ -175,11 +187,13 @@ def fit(*, distiller: nn.Module, train, val, spec: TrainSpec, out_dir: Path, dev
             row = _train_epoch(loop, train, epoch, clock, progress, show_eta)
             if extra_row:
                 row.update(extra_row(epoch))
-            ev = _evaluate_and_save(loop, val, epoch, row, clock, t0, out_dir, is_main)
-            val_info = f"val top-1 {ev['top1']:.4f}"
+            ev = _finish_epoch(loop, val, epoch, row, clock, t0, out_dir, is_main)
+            if ev is not None:
+                val_info = f"val top-1 {ev['top1']:.4f}"
             progress.update(epochs_task, advance=1, info=eta_info(clock, val_info))
-            log(f"{label} epoch {epoch + 1}/{spec.epochs}: loss {row['train_loss']:.4f} "
-                f"val top-1 {ev['top1']:.4f} top-5 {ev['top5']:.4f} ({row['epoch_s']:.1f}s)")
+            val_text = (f"val top-1 {ev['top1']:.4f} top-5 {ev['top5']:.4f}" if ev is not None
+                        else f"not evaluated (val_every={spec.val_every})")
+            log(f"{label} epoch {epoch + 1}/{spec.epochs}: loss {row['train_loss']:.4f} {val_text} ({row['epoch_s']:.1f}s)")
     dist.barrier()
     history = loop.history
     last = history[-1] if history else {}
@@ -258,9 +272,31 @@ def _train_epoch(loop: _Loop, train, epoch: int, clock, progress, show_eta: Call
             "train_top1": reduced[-1] / seen_all}
 
 
-def _evaluate_and_save(loop: _Loop, val, epoch: int, row: dict, clock, t0: float, out_dir: Path,
-                       is_main: bool) -> dict:
-    """Evaluate the epoch's model, complete its history row, checkpoint (``best.pt`` on improvement)."""
+def _finish_epoch(loop: _Loop, val, epoch: int, row: dict, clock, t0: float, out_dir: Path,
+                  is_main: bool) -> Optional[dict]:
+    """Evaluate the epoch's model when ``spec.val_every`` asks for it, complete its history row and checkpoint
+    (``best.pt`` on improvement: only evaluated epochs compete). Returns the evaluation, or None."""
+    distiller = loop.distiller
+    ev = _evaluate(loop, val, epoch, clock) if evaluates_after(loop.spec, epoch) else None
+    is_best = False
+    if ev is not None:
+        row.update({"val_top1": ev["top1"], "val_top5": ev["top5"], "val_loss": ev["loss"]})
+        is_best = ev["top1"] > loop.best_top1
+        if is_best:
+            loop.best_top1, loop.best_epoch = ev["top1"], epoch + 1
+    row["epoch_s"] = time.perf_counter() - t0
+    loop.history.append(row)
+    weights = {k: v.detach().cpu() for k, v in distiller.trainable.state_dict().items()}
+    loop.ckpt.save({"epoch": epoch, "model": weights, "optimizer": loop.opt.state_dict(),
+                    "best_top1": loop.best_top1, "best_epoch": loop.best_epoch, "history": loop.history,
+                    "scaler": loop.scaler.state_dict() if loop.scaler else None}, is_best)
+    if is_main:
+        write_history(out_dir / "history.csv", loop.history)
+    return ev
+
+
+def _evaluate(loop: _Loop, val, epoch: int, clock) -> dict:
+    """Top-1/top-5/loss of the epoch's model on the validation set; inf/NaN weights stop the run unsaved."""
     distiller = loop.distiller
     distiller.eval()
     dist.broadcast_buffers(distiller)  # evaluate (on every rank's shard) exactly the model rank 0 saves
@@ -270,18 +306,6 @@ def _evaluate_and_save(loop: _Loop, val, epoch: int, row: dict, clock, t0: float
     clock.eval_done()
     if not math.isfinite(ev["loss"]):  # a finite last step can still leave inf/NaN weights: never save them
         raise TrainingDiverged(diverged_message(loop.label, f"validation loss became {ev['loss']}", epoch, loop.ckpt.last))
-    row.update({"val_top1": ev["top1"], "val_top5": ev["top5"], "val_loss": ev["loss"],
-                "epoch_s": time.perf_counter() - t0})
-    loop.history.append(row)
-    is_best = ev["top1"] > loop.best_top1
-    if is_best:
-        loop.best_top1, loop.best_epoch = ev["top1"], epoch + 1
-    weights = {k: v.detach().cpu() for k, v in distiller.trainable.state_dict().items()}
-    loop.ckpt.save({"epoch": epoch, "model": weights, "optimizer": loop.opt.state_dict(),
-                    "best_top1": loop.best_top1, "best_epoch": loop.best_epoch, "history": loop.history,
-                    "scaler": loop.scaler.state_dict() if loop.scaler else None}, is_best)
-    if is_main:
-        write_history(out_dir / "history.csv", loop.history)
     return ev
 
 

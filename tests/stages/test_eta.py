@@ -43,6 +43,15 @@ def test_stage_eta_after_resume_counts_only_the_epochs_left():
     assert e.remaining() == pytest.approx(1 * 2.0 + 1 * 2.0)
 
 
+def test_stage_eta_counts_only_the_evaluations_val_every_asks_for():
+    clk = FakeClock()
+    e = StageEta(epochs=4, batches=2, eval_batches=3, eval_weight=1.0, evals=1, clock=clk)  # val_every=0
+    e.start_batches()
+    clk.t += 1.0
+    e.batch_done()
+    assert e.remaining() == pytest.approx(7 * 1.0 + 1 * 3.0)  # one evaluation of 3 batches, not four
+
+
 def test_run_eta_from_the_plan_and_the_measured_speed():
     clk = FakeClock()
     run = RunEta(clock=clk)
@@ -113,3 +122,11 @@ def test_plan_flops_counts_epochs_images_and_the_teacher(tiny_data_root):
     assert plan["baseline"] == pytest.approx(3 * (nt * 3 * f_s + nv * f_s))
     assert plan["distill"] == pytest.approx(4 * (nt * (3 * f_ns + f_t) + nv * f_ns))
     assert plan["verify"] == pytest.approx(nv * (f_s + f_ns))
+
+    sparse = load_config(None, [f"data.root={tiny_data_root}", "teacher.model=resnet14", "student.model=resnet8",
+                                "teacher.epochs=2", "baseline.epochs=3", "distill.epochs=4", "distill.n=2",
+                                "teacher.val_every=0", "baseline.val_every=2", "distill.val_every=0"])
+    plan = plan_flops(sparse, meta, ["teacher", "baseline", "distill"])
+    assert plan["teacher"] == pytest.approx(2 * nt * 3 * f_t + 1 * nv * f_t)  # the last epoch only
+    assert plan["baseline"] == pytest.approx(3 * nt * 3 * f_s + 2 * nv * f_s)  # epochs 2 and 3
+    assert plan["distill"] == pytest.approx(4 * nt * (3 * f_ns + f_t) + 1 * nv * f_ns)

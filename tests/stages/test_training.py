@@ -92,3 +92,59 @@ def test_evaluate_counts_top1_top5_and_the_loss():
     got = evaluate(lambda x: x, [(logits[:2], y[:2]), (logits[2:], y[2:])])
     assert got["top1"] == pytest.approx(1 / 3) and got["top5"] == pytest.approx(2 / 3)
     assert got["loss"] == pytest.approx(functional.cross_entropy(logits, y).item(), rel=1e-6)
+
+
+def _fit_val_every(out: Path, val_every: int, epochs: int = 5, stop_in_epoch: int | None = None) -> tuple[dict, nn.Module, list]:
+    """fit() with ``val_every``; returns (metrics, model, epochs evaluated), the evaluations counted by a wrapper."""
+    model = _tiny_net(0)
+    distiller = CE(model)
+    evaluated: list[int] = []
+    current = {"epoch": -1}
+    plain = distiller.forward_test
+
+    def counting_forward_test(x):  # bound per instance: fit() evaluates through distiller.forward_test
+        if not evaluated or evaluated[-1] != current["epoch"]:
+            evaluated.append(current["epoch"])
+        return plain(x)
+
+    distiller.forward_test = counting_forward_test  # type: ignore[method-assign]
+
+    def mark(epoch: int) -> dict:
+        if epoch == stop_in_epoch:
+            raise KeyboardInterrupt
+        current["epoch"] = epoch
+        return {}
+
+    train, val = _splits()
+    spec = TrainSpec(epochs=epochs, lr=0.1, momentum=0.9, weight_decay=5e-4, milestones=[0.5], val_every=val_every)
+    got = fit(distiller=distiller, train=train, val=val, spec=spec, out_dir=out, device="cpu", label="tiny",
+              log=lambda m: None, extra_row=mark)
+    return got, model, evaluated
+
+
+@pytest.mark.parametrize("val_every, expected", [(1, [0, 1, 2, 3, 4]), (2, [1, 3, 4]), (0, [4])])
+def test_val_every_evaluates_those_epochs_and_always_the_last(tmp_path, val_every, expected):
+    got, model, evaluated = _fit_val_every(tmp_path / "run", val_every)
+    assert evaluated == expected
+    rows = read_history(tmp_path / "run" / "history.csv")
+    assert [i for i, r in enumerate(rows) if r["val_top1"] is not None] == expected
+    assert all(r["epoch_s"] is not None for r in rows), "every epoch keeps its row and time"
+    assert got["top1"] == evaluate(model, _splits()[1])["top1"]  # the last epoch is always evaluated
+    assert got["best_epoch"] - 1 in expected
+
+
+def test_skipping_evaluations_leaves_the_trained_weights_unchanged(tmp_path):
+    _, every, _ = _fit_val_every(tmp_path / "every", 1)
+    _, last, _ = _fit_val_every(tmp_path / "last", 0)
+    for k, v in every.state_dict().items():
+        assert torch.equal(last.state_dict()[k], v), k
+
+
+def test_val_every_resumes_with_the_same_schedule(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        _fit_val_every(tmp_path / "run", 2, stop_in_epoch=2)
+    got, _, evaluated = _fit_val_every(tmp_path / "run", 2)
+    assert evaluated == [3, 4]  # 0-based: epoch 2 (the first after the resume) is not evaluated, 3 and the last are
+    rows = read_history(tmp_path / "run" / "history.csv")
+    assert [i for i, r in enumerate(rows) if r["val_top1"] is not None] == [1, 3, 4]
+    assert got["best_epoch"] in (2, 4, 5)

@@ -48,3 +48,19 @@ def test_distill_applies_the_norm_schedule_epoch_by_epoch(make_ctx, upstream, mo
     assert [float(r["norm_weight"]) for r in rows] == pytest.approx(EXPECTED_WEIGHT)
     norm_terms = [float(r["train_norm"]) for r in rows]  # the weighted NORM term the optimiser saw
     assert norm_terms[:2] == [0.0, 0.0] and all(t > 0 for t in norm_terms[2:]), norm_terms
+
+
+@pytest.mark.parametrize("stage", ["teacher", "baseline", "distill"])
+def test_training_stages_pass_val_every_to_fit(make_ctx, upstream, stage):
+    """``<stage>.val_every: 0`` reaches fit(): validation columns only in the last epoch's history row."""
+    from pipeline.graph import stage_module
+
+    cfg = upstream["cfg"]
+    section = getattr(cfg, stage).model_copy(update=dict(epochs=2, batch_size=128, val_every=0))
+    cfg = cfg.model_copy(update={stage: section})
+    ctx = make_ctx(stage, cfg=cfg)
+    stage_module(stage).run(ctx)
+    history = ctx.out_dir / ("ce/history.csv" if stage == "baseline" else "history.csv")
+    with open(history, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["val_top1"] != "" for r in rows] == [False, True]
