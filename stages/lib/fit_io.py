@@ -56,7 +56,6 @@ def stage_clock(spec, train, val, start_epoch: int):
     """The stage's own ETA: its batches and evaluations (those ``val_every`` asks for) timed; an evaluation
     batch priced by its images (forward only: a third of a training image) until the first one is timed."""
     from stages.lib.eta import StageEta
-
     from stages.lib.training import evaluations_in
 
     per_train = getattr(train, "num_samples", 1) / max(len(train), 1)
