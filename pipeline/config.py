@@ -175,8 +175,9 @@ class BenchmarkCfg(Section):
     threads: int = Field(1, ge=1, description="intra-op threads for the verdict (single-threaded is least noisy)")
     band: float = Field(0.02, gt=0, lt=1, description="verdict 'yes': merged/vanilla CI inside 1 +- band; 'no': CI "
                         "entirely beyond one edge; else 'inconclusive'")
-    max_seconds: float = Field(40.0, gt=0, description="time budget of the verdict cell: rounds are added until the "
-                               "merged/vanilla CI half-width is <= band/2 and the A/A CI inside 1 +- band/2, or this is spent")
+    max_seconds: float = Field(25.0, gt=0, description="time budget of the verdict cell's adaptive rounds (vanilla, "
+                               "vanilla_b, merged, unmerged): rounds are added until the merged/vanilla CI half-width is "
+                               "<= band/2 and the A/A CI inside 1 +- band/2, or this is spent")
     bootstrap: int = Field(2000, ge=100)
     multithreaded: bool = Field(True, description="also time onnxruntime with torch's default thread count (informational)")
     verdict_clock: Literal["cpu", "wall"] = Field(

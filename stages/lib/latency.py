@@ -21,6 +21,7 @@ from stages.lib.latency_verdict import VERDICT_BACKEND
 from stages.lib.progress import progress_bar
 
 MODELS = ("vanilla", "vanilla_b", "merged", "unmerged", "teacher")  # the stage's models, in display order
+VERDICT_MODELS = ("vanilla", "vanilla_b", "merged", "unmerged")  # what the verdict and its power statement need
 # (metric prefix, candidate, reference): ratio = median(candidate) / median(reference)
 COMPARISONS = (("merged_vs_vanilla", "merged", "vanilla"), ("aa", "vanilla_b", "vanilla"),
                ("unmerged_vs_vanilla", "unmerged", "vanilla"), ("teacher_vs_vanilla", "teacher", "vanilla"),
@@ -162,10 +163,27 @@ def measure_cell(backend: Backend, x: np.ndarray, *, warmup: int, blocks: int, b
 def measure_verdict_cell(backend: Backend, x: np.ndarray, *, warmup: int, min_rounds: int, block_runs: int,
                          max_seconds: float, band: float, clock: str, n_boot: int, seed: int,
                          on_round: Callable[[int], None] | None = None) -> dict:
-    """The verdict cell: rounds until merged/vanilla is resolved to +-band/2 with a quiet A/A, or time is up."""
-    cell = timing.measure_adaptive(backend.make(x), batch_size=len(x), pairs=COMPARISONS, target="merged_vs_vanilla",
-                                   control="aa", band=band, warmup=warmup, block_runs=block_runs, min_rounds=min_rounds,
-                                   max_seconds=max_seconds, n_boot=n_boot, seed=seed, clock=clock, on_round=on_round)
+    """The verdict cell: rounds of VERDICT_MODELS until merged/vanilla is resolved to +-band/2 with a quiet A/A,
+    or time is up. Other models (the teacher) are timed afterwards against vanilla in ``min_rounds`` rounds of
+    their own and added to the cell (``side_rounds`` says so): in the adaptive rounds the teacher, 3x a
+    student, would take 40% of the verdict's time budget and tell the verdict nothing."""
+    fns = backend.make(x)
+    cell = timing.measure_adaptive({n: f for n, f in fns.items() if n in VERDICT_MODELS}, batch_size=len(x),
+                                   pairs=COMPARISONS, target="merged_vs_vanilla", control="aa", band=band, warmup=warmup,
+                                   block_runs=block_runs, min_rounds=min_rounds, max_seconds=max_seconds, n_boot=n_boot,
+                                   seed=seed, clock=clock, on_round=on_round)
+    others = [n for n in fns if n not in VERDICT_MODELS]
+    if others:
+        side = timing.measure({"vanilla": fns["vanilla"], **{n: fns[n] for n in others}}, batch_size=len(x),
+                              pairs=[p for p in COMPARISONS if p[1] in others and p[2] == "vanilla"], warmup=warmup,
+                              blocks=min_rounds, block_runs=block_runs, n_boot=n_boot, seed=seed)
+        for n in others:
+            cell["models"][n] = side["models"][n]
+        for key in ("comparisons", "cpu_comparisons"):
+            if key in cell and key in side:
+                cell[key].update(side[key])
+        cell["side_rounds"] = {"models": others, "rounds": min_rounds, "reference": "vanilla",
+                               "why": "timed after the verdict rounds, against vanilla in rounds of their own"}
     return {"backend": backend.name, **cell, "verdict_cell": True}
 
 

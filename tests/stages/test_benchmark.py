@@ -71,8 +71,11 @@ def test_writes_every_model_on_every_backend_and_batch(bench_run):
     for c in timed:
         assert set(c["models"]) == models
         rounds = c["adaptive"]["rounds"] if c.get("verdict_cell") else 10
-        for s in c["models"].values():
-            assert s["n"] == rounds and len(s["block_means_ms"]) == rounds
+        side = c.get("side_rounds", {"models": []})
+        assert side["models"] == (["teacher"] if c.get("verdict_cell") else [])
+        for name, s in c["models"].items():
+            want = side["rounds"] if name in side["models"] else rounds
+            assert s["n"] == want and len(s["block_means_ms"]) == want, name
             assert 0 < s["min_ms"] <= s["median_ms"] <= s["p90_ms"] <= s["max_ms"]
         assert c["conditions"]["before"]["loadavg"] is not None and "changed" in c["conditions"]
         assert {"merged_vs_vanilla", "aa", "unmerged_vs_vanilla", "teacher_vs_vanilla"} <= set(c["comparisons"])
@@ -255,6 +258,39 @@ def test_pair_table_wiring_with_fake_models_of_known_cost(upstream, merged, vani
         assert "measurably slower (+" in m["verdict_reason"] and m["merged_vs_vanilla_lo"] > 1.02
     if expected == "inconclusive":
         assert "A/A control" in m["verdict_reason"]
+
+
+def test_the_teacher_is_timed_outside_the_verdict_rounds(upstream):
+    """The adaptive verdict rounds time only what the verdict needs; the teacher gets ``blocks`` rounds of its own
+    against vanilla afterwards, and its ratio comes from those rounds."""
+    import numpy as np
+
+    from stages.lib.latency import Backend, measure_verdict_cell
+
+    calls: dict[str, int] = {}
+    inner = _fake_backend({"vanilla": 1.0, "vanilla_b": 1.0, "merged": 1.0, "unmerged": 1.4, "teacher": 3.0})
+
+    def make(x):
+        fns = inner.make(x)
+
+        def counted(name):
+            def block(n):
+                calls[name] = calls.get(name, 0) + 1
+                return fns[name](n)
+            return block
+        return {name: counted(name) for name in fns}
+
+    cell = measure_verdict_cell(Backend("onnxruntime_cpu", {}, make), np.zeros((4, 1, 28, 28), np.float32), warmup=1,
+                                min_rounds=6, block_runs=2, max_seconds=0.5, band=0.02, clock="cpu", n_boot=200, seed=0)
+    rounds = cell["adaptive"]["rounds"]
+    assert rounds >= 6 and cell["side_rounds"] == {"models": ["teacher"], "rounds": 6, "reference": "vanilla",
+                                                   "why": "timed after the verdict rounds, against vanilla in rounds of their own"}
+    assert calls["teacher"] == 1 + 6  # its warm-up block and its own rounds, none of the adaptive ones
+    assert calls["merged"] == 1 + rounds and calls["vanilla"] == 2 + rounds + 6  # vanilla is the teacher's reference too
+    assert cell["models"]["teacher"]["n"] == 6 * 2 and cell["models"]["merged"]["n"] == rounds * 2
+    assert cell["cpu_comparisons"]["teacher_vs_vanilla"]["ratio"] == pytest.approx(3.0, rel=0.03)
+    assert cell["cpu_comparisons"]["teacher_vs_vanilla"]["rounds"] == 6
+    assert cell["cpu_comparisons"]["merged_vs_vanilla"]["rounds"] == rounds
 
 
 def test_a_negative_control_that_shows_no_cost_voids_a_yes():
