@@ -178,13 +178,9 @@ def plan_flops(cfg, meta: dict, stages: list[str]) -> dict[str, float]:
     Training: epochs x train images x (3 x student forward [+ teacher forward]) + evaluations (``val_every``)
     x val images x forward.
     """
-    from stages.lib.training import TrainSpec, evaluations_in
-
-    def evals(c) -> int:
-        return evaluations_in(TrainSpec(epochs=c.epochs, lr=c.lr, val_every=c.val_every))
-
     from models.norm import LogitsOnly, NormStudent
     from models.registry import create_model
+    from stages.lib.training import evaluations_in as evals  # a config section carries epochs and val_every
 
     shape = [1, meta["in_chans"], *meta["input_size"]]
     ntrain, nval = float(meta["train_size"]), float(meta["val_size"])

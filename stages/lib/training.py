@@ -12,7 +12,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Union
+from typing import Callable, Iterable, Optional, Protocol, Union
 
 import torch
 import torch.nn as nn
@@ -43,13 +43,20 @@ class TrainSpec:
         return cls(**{k: getattr(c, k) for k in cls.__dataclass_fields__})
 
 
-def evaluates_after(spec: TrainSpec, epoch: int) -> bool:
+class EvalSchedule(Protocol):
+    """What decides the evaluations: a TrainSpec, or a training stage's config section (same field names)."""
+
+    epochs: int
+    val_every: int
+
+
+def evaluates_after(spec: EvalSchedule, epoch: int) -> bool:
     """Whether fit() evaluates after ``epoch`` (0-based): every ``val_every``-th epoch, and always the last."""
     last = epoch + 1 >= spec.epochs
     return last or (spec.val_every > 0 and (epoch + 1) % spec.val_every == 0)
 
 
-def evaluations_in(spec: TrainSpec, start_epoch: int = 0) -> int:
+def evaluations_in(spec: EvalSchedule, start_epoch: int = 0) -> int:
     """How many evaluations fit() runs in epochs ``start_epoch .. epochs-1``."""
     return sum(evaluates_after(spec, e) for e in range(start_epoch, spec.epochs))
 
