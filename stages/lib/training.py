@@ -292,8 +292,11 @@ def _finish_epoch(loop: _Loop, val, epoch: int, row: dict, clock, t0: float, out
         if is_best:
             loop.best_top1, loop.best_epoch = ev["top1"], epoch + 1
     row["epoch_s"] = time.perf_counter() - t0
-    loop.history.append(row)
     weights = {k: v.detach().cpu() for k, v in distiller.trainable.state_dict().items()}
+    if ev is None and not all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point()):
+        # what the validation loss catches on evaluated epochs: a finite last step that left inf/NaN weights
+        raise TrainingDiverged(diverged_message(loop.label, "a weight became nan/inf", epoch, loop.ckpt.last))
+    loop.history.append(row)
     loop.ckpt.save({"epoch": epoch, "model": weights, "optimizer": loop.opt.state_dict(),
                     "best_top1": loop.best_top1, "best_epoch": loop.best_epoch, "history": loop.history,
                     "scaler": loop.scaler.state_dict() if loop.scaler else None}, is_best)

@@ -148,3 +148,26 @@ def test_val_every_resumes_with_the_same_schedule(tmp_path):
     rows = read_history(tmp_path / "run" / "history.csv")
     assert [i for i, r in enumerate(rows) if r["val_top1"] is not None] == [1, 3, 4]
     assert got["best_epoch"] in (2, 4, 5)
+
+
+def test_inf_weights_after_an_unevaluated_epoch_are_not_saved(tmp_path):
+    """Without an evaluation after epoch 2 (val_every=0), its inf weights must still stop the run before they are
+    checkpointed: the last good checkpoint (epoch 1) stays."""
+    from stages.lib.errors import TrainingDiverged
+
+    model = _tiny_net(0)
+
+    def poison(epoch: int) -> dict:
+        if epoch == 1:  # after epoch 2's steps, before its checkpoint: as a finite last step that overflowed
+            with torch.no_grad():
+                model[0].weight[0, 0, 0, 0] = float("inf")
+        return {}
+
+    train, val = _splits()
+    spec = TrainSpec(epochs=4, lr=0.1, momentum=0.9, val_every=0)
+    with pytest.raises(TrainingDiverged, match=r"a weight became nan/inf in epoch 2; the last good checkpoint \(epoch 1\)"):
+        fit(distiller=CE(model), train=train, val=val, spec=spec, out_dir=tmp_path, device="cpu", label="tiny",
+            log=lambda m: None, extra_row=poison)
+    state = torch.load(tmp_path / "ckpt" / "last.pt", map_location="cpu", weights_only=True)
+    assert state["epoch"] == 0 and all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert len(read_history(tmp_path / "history.csv")) == 1
